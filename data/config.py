@@ -1,0 +1,78 @@
+"""Configuration of the data stage (dataset, long-tail construction) and of ``measure``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class DataConfig(BaseModel):
+    """Which dataset, and how to make it long-tailed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field("digits", description="registry name: digits, fashion-mnist, cifar10, cifar100, "
+                         "mini-imagenet, imagefolder")
+    root: Union[Path, None] = Field(None, description="dataset root folder (not needed for digits)")
+    download: bool = Field(False, description="allow downloading (cifar/fashion-mnist) when online")
+    profile: Literal["exp", "step", "none"] = Field(
+        "exp", description="long-tail profile of the train split: exp (Cao et al. 2019), step, none (as is)")
+    imbalance: float = Field(100.0, description="imbalance factor n_max / n_min of the train split (>= 1)")
+    step_fraction: float = Field(0.5, gt=0, lt=1, description="step profile: fraction of minority classes")
+    class_order: Union[Literal["index", "random"], list[int]] = Field(
+        "index", description="which classes become the head: index (class 0 first), random (seeded), "
+        "or an explicit list of class ids, head first")
+    seed: int = Field(0, description="seed of splits and long-tail sampling")
+    split: tuple[float, float, float] = Field(
+        (0.7, 0.15, 0.15), description="train/val/test fractions for datasets without official splits")
+    val_from_test: float = Field(
+        0.5, gt=0, lt=1, description="for datasets with an official balanced test set: the fraction of it "
+        "held out (stratified) as the val split used for model selection")
+    image_size: Union[int, None] = Field(
+        None, description="resize image-folder datasets to this square size (default 64); "
+        "array datasets keep their native size unless set")
+    skip_bad: bool = Field(False, description="leave corrupt images out (listed in skipped.txt) instead of failing")
+
+    @field_validator("imbalance")
+    @classmethod
+    def _if_ge_1(cls, v: float) -> float:
+        if v < 1:
+            raise ValueError(f"imbalance factor must be >= 1 (n_max / n_min), got {v}")
+        return v
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x <= 0 for x in v) or abs(sum(v) - 1) > 1e-6:
+            raise ValueError(f"split fractions must be positive and sum to 1, got {v}")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.strip().lower()
+
+    def fingerprint(self) -> dict:
+        """The settings that determine real.parquet; a run folder keeps one fingerprint."""
+        d = self.model_dump(mode="json")
+        d["root"] = str(Path(self.root).resolve()) if self.root else None
+        return d
+
+
+class MeasureConfig(BaseModel):
+    """Group thresholds (train images per class), as in the long-tail literature."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    many: int = Field(100, ge=1, description="many-shot: more than this many train images")
+    few: int = Field(20, ge=1, description="few-shot: fewer than this many train images")
+    rule: Literal["auto", "absolute", "relative"] = Field(
+        "auto", description="absolute: the thresholds above; relative: thirds of the log-count range "
+        "(for tiny datasets); auto: absolute when the largest class has more than `many` images, else relative")
+
+    @model_validator(mode="after")
+    def _order(self) -> "MeasureConfig":
+        if self.few > self.many:
+            raise ValueError(f"few threshold ({self.few}) must not exceed many threshold ({self.many})")
+        return self

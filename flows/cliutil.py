@@ -1,0 +1,129 @@
+"""CLI plumbing shared by every subcommand.
+
+Options are generated from the pydantic config models, so ``--help`` lists every field with its
+description and default, and the CLI, YAML files and Prefect parameters share one schema.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from data.errors import TailforgeError
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel], *, skip: Iterable[str] = (),
+                   prefix: str = "", group: str | None = None) -> None:
+    """Add one option per field of ``model``. Unset options are absent from the namespace."""
+    skip = set(skip)
+    target = parser.add_argument_group(group or model.__name__) if group is not False else parser
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        ann = field.annotation
+        origin = typing.get_origin(ann)
+        args = typing.get_args(ann)
+        default = field.default
+        helptext = (field.description or "") + (f" [default: {default}]" if default not in (None, ...) else "")
+        kw: dict[str, Any] = dict(dest=prefix + name, default=argparse.SUPPRESS, help=helptext)
+        if ann is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif ann in (int, float):
+            kw["type"] = ann
+            kw["metavar"] = ann.__name__.upper()
+        elif origin is typing.Literal:
+            kw["choices"] = list(args)
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            continue  # nested models: YAML only
+        else:
+            kw["type"] = _loose
+            kw["metavar"] = "VALUE"
+        target.add_argument(_option(prefix + name) if not prefix else _option(name), **kw)
+
+
+def _loose(text: str) -> Any:
+    """Parse an option value that is not a plain scalar: '1,2,3' -> [1, 2, 3], YAML otherwise."""
+    if "," in text and not text.strip().startswith(("[", "{")):
+        text = "[" + text + "]"
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if value is None else value
+
+
+def given(args: argparse.Namespace, model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """The fields of ``model`` that were given on the command line."""
+    ns = vars(args)
+    return {name: ns[prefix + name] for name in model.model_fields if prefix + name in ns}
+
+
+def build(model: type[BaseModel], *layers: dict[str, Any], what: str | None = None):
+    """Validate ``model`` from dict layers (later ones win) with a one-line error on failure."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update({k: v for k, v in (layer or {}).items()})
+    check_keys(model, merged, what or model.__name__)
+    try:
+        return model.model_validate(merged)
+    except ValidationError as exc:
+        raise validation_error(exc, what or model.__name__) from None
+
+
+def check_keys(model: type[BaseModel], data: dict, what: str) -> None:
+    valid = list(model.model_fields)
+    for key in data:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = (f"did you mean '{close[0]}'?" if close else "") + " valid keys: " + ", ".join(valid)
+            raise TailforgeError(f"unknown key '{key}' in {what}", hint.strip())
+
+
+def validation_error(exc: ValidationError, what: str) -> TailforgeError:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ())) or what
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return TailforgeError(f"invalid {what}: {loc}: {msg}{extra}", f"correct '{loc}' in the config or option")
+
+
+def load_yaml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise TailforgeError(f"config file {path} does not exist", "pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise TailforgeError(f"config file {path} is not valid YAML{where}: {problem}",
+                             "fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TailforgeError(f"config file {path} must hold a mapping of keys to values",
+                             "write it as `key: value` lines")
+    return data
+
+
+def add_run_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--run", required=required, type=Path, metavar="DIR",
+                        help="run folder (created if missing), e.g. runs/fmnist-lt")
+
+
+def console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
