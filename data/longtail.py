@@ -69,14 +69,15 @@ def make_long_tailed(labels: np.ndarray, num_classes: int, imbalance: float, pro
                      seed: int, step_fraction: float = 0.5) -> np.ndarray:
     """Indices of a long-tailed subset of ``labels``; the head class keeps all its items.
 
-    Targets come from :func:`lt_counts` with n_max = the largest class; a class with fewer items
-    than its target keeps what it has. Which items are kept is a seeded choice.
+    Targets come from :func:`lt_counts` with n_max = the size of the head class (rank 0), so the
+    head keeps all its items and the profile is exact (CIFAR-10, IF=100: 5000 ... 50); a class with
+    fewer items than its target keeps what it has. Which items are kept is a seeded choice.
     """
     counts = np.bincount(labels, minlength=num_classes)
     if profile == "none":
         return np.arange(len(labels))
     rank = class_ranking(num_classes, order, seed)
-    targets = lt_counts(int(counts.max()), num_classes, imbalance, profile, step_fraction)
+    targets = lt_counts(int(counts[rank[0]]), num_classes, imbalance, profile, step_fraction)
     rng = np.random.default_rng(seed + 104729)
     keep = []
     for r, c in enumerate(rank):
