@@ -117,7 +117,7 @@ def plot_histogram(stats: ClassStats, path) -> None:
     tr = stats.train_counts
     order = np.argsort(-tr, kind="stable")
     c = len(tr)
-    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.18 * c), 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(min(14, max(7, 3 + 0.18 * c)), 4.2), dpi=110)
     ax.bar(range(c), tr[order], color=[GROUP_COLORS[stats.groups[i]] for i in order], width=0.85)
     ax.set_yscale("log")
     ax.set_ylabel("train images (log)")

@@ -44,10 +44,13 @@ def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel], *, s
             kw["choices"] = list(args)
         elif isinstance(ann, type) and issubclass(ann, BaseModel):
             continue  # nested models: YAML only
+        elif ann is Path or Path in args or ann is str:
+            kw["type"] = str
+            kw["metavar"] = "PATH" if ann is not str else "TEXT"
         else:
             kw["type"] = _loose
             kw["metavar"] = "VALUE"
-        target.add_argument(_option(prefix + name) if not prefix else _option(name), **kw)
+        target.add_argument(_option(prefix + name), **kw)
 
 
 def _loose(text: str) -> Any:

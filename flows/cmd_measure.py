@@ -1,8 +1,6 @@
 """``tailforge measure``: build the run's real manifest and measure its class frequencies."""
 from __future__ import annotations
 
-import argparse
-
 from data.config import DataConfig, MeasureConfig
 
 from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml
@@ -14,7 +12,6 @@ def add_parser(sub) -> None:
         help="build the real manifest (splits, long-tail) and measure class frequencies",
         description="Load a dataset, split it, make the train split long-tailed, write real.parquet, "
         "counts.json and counts.png into the run folder, and print per-class counts and groups.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_run_arg(p)
     p.add_argument("--config", metavar="YAML", help="YAML file with a `data:` and/or `measure:` section")
