@@ -1,0 +1,112 @@
+"""``TrainConfig``: every knob of the train stage, with its description (the CLI and Prefect show them).
+
+Plain pydantic, no torch import, so the CLI can build ``--help`` fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class TrainConfig(BaseModel):
+    """How to train one classifier on a run's manifest (real, or real + accepted synthetic)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # model
+    model: str = Field("tiny", description="architecture: tiny (small fast CNN), resnet32 (CIFAR ResNet-32 of the "
+                       "long-tail literature), resnet18, resnet50, mobilenetv2, convnext_tiny, convnext_base, "
+                       "vit_b_16 (or any timm name)")
+    width: Union[int, None] = Field(None, ge=1, description="base channel width of tiny (default 32) and resnet32 "
+                                    "(default 16); ignored by timm models")
+    pretrained: Union[Path, None] = Field(None, description="LOCAL pretrained weights (a .safetensors/.pth file or a "
+                                          "folder holding one); never downloaded")
+    input_size: Union[int, None] = Field(None, ge=8, description="resize inputs to this square size inside the model "
+                                         "(default: the dataset size, raised to the architecture's minimum)")
+    # loss
+    loss: str = Field("ce", description="ce, weighted_ce, focal, class_balanced, balanced_softmax, logit_adjust, "
+                      "ldam, ldam_drw, equalization, arcface, cosface, sphereface")
+    class_weights: Literal["inverse", "effective"] = Field(
+        "effective", description="weighted_ce: inverse frequency or effective number (Cui et al. 2019)")
+    focal_gamma: float = Field(2.0, ge=0, description="focal (and class_balanced with cb_base=focal): gamma")
+    cb_beta: float = Field(0.9999, ge=0, lt=1, description="effective-number beta of class_balanced, "
+                           "weighted_ce(effective) and the DRW re-weighting")
+    cb_base: Literal["softmax", "focal"] = Field("softmax", description="class_balanced: the loss it re-weights")
+    la_tau: float = Field(1.0, ge=0, description="logit_adjust: temperature tau of the log-prior (Menon et al. 2021)")
+    ldam_max_margin: float = Field(0.5, gt=0, description="ldam: the largest class margin (rarest class)")
+    drw_epoch: Union[int, None] = Field(None, ge=0, description="ldam_drw: epoch at which deferred re-weighting starts "
+                                        "(default: 80%% of epochs)")
+    margin: Union[float, None] = Field(None, ge=0, description="arcface/cosface additive margin (defaults 0.3 / 0.35), "
+                                       "sphereface multiplicative margin (default 1.5)")
+    scale: float = Field(16.0, gt=0, description="logit scale s of normalized (cosine) heads: ldam, arcface, cosface, "
+                         "sphereface")
+    eql_lambda: float = Field(0.05, ge=0, le=1, description="equalization: classes whose share of the train set is below "
+                              "this are tail classes whose negative gradients are suppressed")
+    eql_gamma: float = Field(0.9, ge=0, le=1, description="equalization: probability of suppressing a tail negative")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of ce")
+    supcon_weight: float = Field(0.0, ge=0, description="weight of the auxiliary supervised contrastive loss on "
+                                 "normalized features (0 = off)")
+    supcon_temperature: float = Field(0.1, gt=0, description="SupCon temperature")
+    # data and sampling
+    sampler: str = Field("instance", description="instance, class_balanced, sqrt, weighted (inverse-frequency "
+                         "weighted random)")
+    synthetic: Literal["none", "filtered", "candidates"] = Field(
+        "none", description="synthetic training data: none; filtered (accepted rows of filtered.parquet); "
+        "candidates (every candidate, unfiltered)")
+    synthetic_weight: float = Field(1.0, ge=0, description="per-sample loss weight of synthetic samples "
+                                    "(real samples weigh 1)")
+    # optimisation
+    epochs: int = Field(10, ge=1, description="training epochs")
+    batch_size: int = Field(128, ge=1, description="batch size")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum 0.9, nesterov) or adamw")
+    lr: float = Field(0.1, gt=0, description="peak learning rate (cosine schedule after warmup)")
+    weight_decay: float = Field(5e-4, ge=0, description="weight decay, applied to weights only (not norms/biases)")
+    warmup: float = Field(1.0, ge=0, description="linear warmup length in epochs")
+    clip_grad: Union[float, None] = Field(5.0, gt=0, description="clip the gradient norm to this (None = off)")
+    ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of the weights, e.g. 0.999 (0 = off); the EMA "
+                       "model is the one validated and saved")
+    # augmentation
+    augment: Literal["none", "basic", "strong", "randaugment"] = Field(
+        "basic", description="none; basic: random crop (translate) + flip; strong: basic + rotation, scale and "
+        "colour jitter; randaugment: basic + RandAugment")
+    hflip: bool = Field(True, description="random horizontal flips (turn off for digits/text)")
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (0 = off)")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0 = off); with mixup too, one of them per batch")
+    # two-stage and distillation
+    stage: Literal["full", "crt"] = Field(
+        "full", description="full: train the whole model; crt: classifier re-training on the frozen backbone of "
+        "`base` (Kang et al. 2020), on real features plus accepted featdict features of that backbone")
+    base: Union[str, None] = Field(None, description="crt: name of the trained model in this run whose backbone is frozen")
+    teacher: Union[str, None] = Field(None, description="distillation: teacher model (a model name in this run or a "
+                                      "model folder)")
+    kd_temperature: float = Field(4.0, gt=0, description="distillation temperature")
+    kd_alpha: float = Field(0.5, ge=0, le=1, description="distillation: weight of the KD term (1-alpha on the task loss)")
+    # runtime
+    seed: int = Field(0, description="seed of initialisation, sampling and augmentation")
+    device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    amp: bool = Field(True, description="bf16 autocast and channels_last on GPU (no effect on CPU)")
+    eval_batch_size: int = Field(512, ge=1, description="batch size of validation/prediction")
+    resume: bool = Field(True, description="continue an interrupted training of the same name and config")
+    overwrite: bool = Field(False, description="replace a finished model of the same name trained with other settings")
+
+    @field_validator("model", "loss", "sampler")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.strip().lower().replace("-", "_") if v else v
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.stage == "crt" and not self.base:
+            raise ValueError("stage crt needs `base`: the name of the trained model whose backbone is frozen")
+        if self.drw_epoch is not None and self.drw_epoch > self.epochs:
+            raise ValueError(f"drw_epoch ({self.drw_epoch}) is after the last epoch ({self.epochs})")
+        return self
+
+    def identity(self) -> dict:
+        """The settings that determine the trained weights (resume/skip compare these)."""
+        d = self.model_dump(mode="json")
+        for k in ("resume", "overwrite", "device", "eval_batch_size"):
+            d.pop(k, None)
+        return d

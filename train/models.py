@@ -1,0 +1,221 @@
+"""Model factory: one ``create_model`` over our own small nets and timm, with a split backbone / head.
+
+Every model is a ``Classifier``: ``forward_features(x) -> (N, D)`` (pooled), ``forward_head(f) -> logits``.
+Inputs are normalized float NCHW; a model resizes them to its ``input_size`` itself, so 8x8 digits
+can feed a ConvNeXt. Heads are linear, or cosine (normalized weights and features, times a fixed
+scale) for the margin losses.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data.errors import TailforgeError, unknown_name
+
+# our name -> (timm name, smallest input side the architecture accepts)
+TIMM_MODELS = {
+    "resnet18": ("resnet18", 16),
+    "resnet50": ("resnet50", 16),
+    "mobilenetv2": ("mobilenetv2_100", 16),
+    "convnext_tiny": ("convnext_tiny", 32),
+    "convnext_base": ("convnext_base", 32),
+    "vit_b_16": ("vit_base_patch16_224", 32),
+}
+OWN_MODELS = ("tiny", "resnet32")
+MODELS = OWN_MODELS + tuple(TIMM_MODELS)
+
+
+class TinyNet(nn.Module):
+    """Three conv blocks and global pooling: the fast default for CPU tests and tiny datasets."""
+
+    def __init__(self, in_chans: int, width: int = 32):
+        super().__init__()
+        w = width
+
+        def block(i, o, stride):
+            return nn.Sequential(nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
+
+        self.body = nn.Sequential(block(in_chans, w, 1), block(w, 2 * w, 2), block(2 * w, 4 * w, 2),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features = 4 * w
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, i: int, o: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(i, o, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(o)
+        self.conv2 = nn.Conv2d(o, o, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(o)
+        self.short = nn.Identity() if stride == 1 and i == o else nn.Sequential(
+            nn.Conv2d(i, o, 1, stride, bias=False), nn.BatchNorm2d(o))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-32 for 32x32 inputs (He et al. 2016, section 4.2): 3 stages x 5 basic blocks, 16/32/64 channels.
+
+    The backbone of the long-tail literature (Cao et al. 2019, Cui et al. 2019). 1x1-conv shortcuts.
+    """
+
+    def __init__(self, in_chans: int, width: int = 16, blocks: int = 5):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
+        layers, c = [], w
+        for stage, o in enumerate((w, 2 * w, 4 * w)):
+            for b in range(blocks):
+                layers.append(BasicBlock(c, o, 2 if (stage > 0 and b == 0) else 1))
+                c = o
+        self.layers = nn.Sequential(*layers)
+        self.num_features = c
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
+
+
+class CosineHead(nn.Module):
+    """Logits = scale * cos(feature, class weight): the normalized head of LDAM/ArcFace/CosFace/SphereFace."""
+
+    def __init__(self, dim: int, num_classes: int, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, dim))
+        nn.init.normal_(self.weight, std=0.01)
+        self.scale = scale
+
+    def forward(self, f):
+        return self.scale * F.linear(F.normalize(f, dim=1), F.normalize(self.weight, dim=1))
+
+
+class Classifier(nn.Module):
+    """Backbone + head with a fixed input size; the model every stage passes around."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, input_size: int,
+                 head: str = "linear", scale: float = 16.0):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.input_size = input_size
+        self.head = make_head(head, feature_dim, num_classes, scale)
+
+    def forward_features(self, x):
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return self.backbone(x)
+
+    def forward_head(self, f):
+        return self.head(f)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def make_head(kind: str, dim: int, num_classes: int, scale: float) -> nn.Module:
+    return CosineHead(dim, num_classes, scale) if kind == "cosine" else nn.Linear(dim, num_classes)
+
+
+def min_input(arch: str) -> int:
+    return TIMM_MODELS[arch][1] if arch in TIMM_MODELS else 4
+
+
+def create_model(arch: str, num_classes: int, in_chans: int, image_size: int, *, width: int | None = None,
+                 head: str = "linear", scale: float = 16.0, input_size: int | None = None) -> Classifier:
+    """Build a ``Classifier``; ``arch`` is one of ``MODELS`` or any timm model name."""
+    size = input_size or max(image_size, min_input(arch))
+    if arch == "tiny":
+        body = TinyNet(in_chans, width or 32)
+    elif arch == "resnet32":
+        body = CifarResNet(in_chans, width or 16)
+    else:
+        import timm
+
+        name = TIMM_MODELS.get(arch, (arch, 32))[0]
+        if arch not in TIMM_MODELS and not timm.is_model(name):
+            raise unknown_name("model", arch, MODELS)
+        kw = {"img_size": size} if "vit" in name else {}
+        body = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kw)
+    return Classifier(body, int(body.num_features), num_classes, size, head=head, scale=scale)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
+def find_weights(path: Path) -> Path:
+    """A weights file from a file or folder path, or a clear error (we never download)."""
+    path = Path(path)
+    if path.is_dir():
+        for pat in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "*.pth", "*.pt", "*.bin"):
+            hits = sorted(path.glob(pat))
+            if hits:
+                return hits[0]
+        raise TailforgeError(f"pretrained folder {path} holds no weights (.safetensors/.pth/.pt/.bin)",
+                             "put the downloaded weights file there, or pass the file itself")
+    if not path.is_file():
+        raise TailforgeError(f"pretrained weights {path} do not exist (tailforge never downloads weights)",
+                             "download them on a connected machine and pass the local file or folder")
+    return path
+
+
+def load_pretrained(model: Classifier, path: Path) -> dict:
+    """Load local weights into the backbone; heads and shape-mismatched tensors are skipped.
+
+    A first conv with 3 input channels is summed to 1 channel for grey images (timm's rule).
+    Returns counts of loaded / skipped tensors; no tensor loaded is an error.
+    """
+    sd = _read_weights(find_weights(path))
+    own = model.backbone.state_dict()
+    take, skipped = {}, []
+    for k, v in sd.items():
+        k2 = k.removeprefix("module.").removeprefix("backbone.")
+        if k2 not in own:
+            skipped.append(k)
+            continue
+        t = own[k2]
+        if v.shape != t.shape and v.ndim == 4 and t.ndim == 4 and v.shape[1] == 3 and t.shape[1] == 1 \
+                and v.shape[0] == t.shape[0]:
+            v = v.sum(dim=1, keepdim=True)
+        if v.shape != t.shape:
+            skipped.append(k)
+            continue
+        take[k2] = v.to(t.dtype)
+    if not take:
+        raise TailforgeError(f"no tensor of {path} matches the backbone of this model",
+                             "pass weights of the same architecture as --model")
+    model.backbone.load_state_dict(take, strict=False)
+    return {"loaded": len(take), "skipped": len(skipped), "missing": len(own) - len(take)}
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights only: biases and norm parameters (1-d tensors) get none."""
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

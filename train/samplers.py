@@ -1,0 +1,58 @@
+"""Samplers: which training indices an epoch visits, ``SAMPLERS[name](labels, rng) -> indices``.
+
+An epoch draws as many samples as the training set holds. Each epoch's order comes from a
+generator seeded by (seed, epoch), so a resumed run replays exactly the epochs it had left.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from data.errors import unknown_name
+
+
+def _class_draw(labels: np.ndarray, rng: np.random.Generator, class_p: np.ndarray) -> np.ndarray:
+    """Pick a class by ``class_p``, then a sample of it uniformly (with replacement)."""
+    n = len(labels)
+    classes = np.flatnonzero(np.bincount(labels, minlength=len(class_p)) > 0)
+    p = class_p[classes] / class_p[classes].sum()
+    members = {c: np.flatnonzero(labels == c) for c in classes}
+    picks = rng.choice(classes, size=n, p=p)
+    out = np.empty(n, dtype=np.int64)
+    for c in classes:
+        where = np.flatnonzero(picks == c)
+        out[where] = members[c][rng.integers(0, len(members[c]), size=len(where))]
+    return out
+
+
+def instance(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Every sample once per epoch, shuffled: the long-tailed distribution as is."""
+    return rng.permutation(len(labels))
+
+
+def class_balanced(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Classes equally likely (Kang et al. 2020's class-balanced sampling), samples uniform within a class."""
+    c = int(labels.max()) + 1
+    return _class_draw(labels, rng, np.ones(c))
+
+
+def sqrt(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Square-root sampling (Mahajan et al. 2018): class probability proportional to sqrt(n_c)."""
+    counts = np.bincount(labels).astype(np.float64)
+    return _class_draw(labels, rng, np.sqrt(counts))
+
+
+def weighted(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Weighted random sampling with per-sample weight 1 / n_c (torch's WeightedRandomSampler recipe)."""
+    counts = np.bincount(labels).astype(np.float64)
+    w = 1.0 / counts[labels]
+    return rng.choice(len(labels), size=len(labels), replace=True, p=w / w.sum())
+
+
+SAMPLERS = {"instance": instance, "class_balanced": class_balanced, "sqrt": sqrt, "weighted": weighted}
+
+
+def epoch_indices(name: str, labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    if name not in SAMPLERS:
+        raise unknown_name("sampler", name, SAMPLERS)
+    rng = np.random.default_rng([seed, epoch, 17])
+    return SAMPLERS[name](np.asarray(labels, dtype=np.int64), rng)

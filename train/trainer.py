@@ -1,0 +1,440 @@
+"""``fit``: train one classifier on a run, selecting the epoch by val balanced accuracy.
+
+Read top to bottom like torchvision's reference script: data -> model -> loss -> optimiser and
+schedule -> epochs (sample, augment, mix, step, EMA, validate, save a resumable state) -> write
+``models/<name>/`` atomically. Work in progress lives in ``models/.work-<name>/``; every epoch
+ends with a state (weights, optimiser, schedule, EMA, best so far, log) from which ``resume``
+replays the remaining epochs exactly: each epoch's sampling and augmentation are seeded by
+(seed, epoch), not by what ran before.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from data.atomic import atomic_dir, atomic_path, read_json, write_json, write_text
+from data.errors import TailforgeError, unknown_name
+from data.images import load_images, load_npy
+from data.manifest import read_manifest, train_rows
+from data.run import RunDir
+
+from .augment import augment, mix
+from .checkpoint import build_from_meta, embed, load_model, resolve_device
+from .config import TrainConfig
+from .losses import LOSSES, build_loss, kd_loss, supcon
+from .models import MODELS, create_model, load_pretrained, make_head, param_groups
+from .samplers import SAMPLERS, epoch_indices
+
+STATE = "state.pt"
+
+
+# ----------------------------------------------------------------------------- data
+def training_table(run: RunDir, cfg: TrainConfig) -> pd.DataFrame:
+    """Real train rows plus the synthetic rows ``cfg.synthetic`` asks for (accepted ones only)."""
+    real = read_manifest(run.require(run.real, "measure"))
+    if cfg.synthetic == "none":
+        return train_rows(real[real["source"] == "real"])
+    if cfg.synthetic == "filtered":
+        syn = read_manifest(run.require(run.filtered, "filter"))
+    else:
+        syn = read_manifest(run.require(run.candidates, "generate")).assign(accepted=True)
+    df = pd.concat([real, syn[~syn["sample_id"].isin(real["sample_id"])]], ignore_index=True)
+    return train_rows(df)
+
+
+def featdict_vectors(run: RunDir, rows: pd.DataFrame) -> np.ndarray:
+    """Feature vectors of featdict rows (``path.npy#row`` uris), float32 (N, D)."""
+    out = []
+    for uri in rows["uri"]:
+        path, row = run.resolve(uri)
+        arr = load_npy(path)
+        out.append(np.asarray(arr[row] if row is not None else arr, dtype=np.float32).reshape(-1))
+    return np.stack(out) if out else np.zeros((0, 0), np.float32)
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255
+    return x.mean(0).round(6).tolist(), np.maximum(x.std(0), 1e-3).round(6).tolist()
+
+
+# ----------------------------------------------------------------------------- helpers
+class EMA:
+    """Exponential moving average of a module's parameters and buffers (the copy is what we validate)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for e, m in zip(self.module.state_dict().values(), module.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.lerp_(m, 1 - self.decay)
+            else:
+                e.copy_(m)
+
+
+def lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return f
+
+
+def seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    """Seed torch's global RNG (dropout, RandAugment, equalization) and return the augmentation generator."""
+    s = (seed * 1_000_003 + epoch * 7919 + 12345) % (2**63 - 1)
+    torch.manual_seed(s)
+    return torch.Generator().manual_seed(s + 1)
+
+
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    classes = np.unique(y)
+    return float(np.mean([(pred[y == c] == c).mean() for c in classes]))
+
+
+# ----------------------------------------------------------------------------- tasks
+class ImageTask:
+    """Full training: the trainable module is the whole model; inputs are augmented images."""
+
+    def __init__(self, model, meta, images, val_images, cfg: TrainConfig, dev, teacher=None):
+        self.model, self.meta, self.cfg, self.dev, self.teacher = model, meta, cfg, dev, teacher
+        keep_on_dev = dev.type == "cuda" and images.nbytes < 4e9
+        self.images = torch.from_numpy(images).to(dev if keep_on_dev else "cpu")
+        self.val_images = val_images
+        self.mean = torch.tensor(meta["mean"], device=dev).view(1, -1, 1, 1)
+        self.std = torch.tensor(meta["std"], device=dev).view(1, -1, 1, 1)
+        self.channels_last = dev.type == "cuda" and cfg.amp
+
+    @property
+    def net(self) -> nn.Module:
+        return self.model
+
+    def inputs(self, idx: np.ndarray, y: torch.Tensor, g: torch.Generator):
+        x = self.images[torch.from_numpy(idx).to(self.images.device)].to(self.dev, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255)
+        x = augment(x, self.cfg.augment, self.cfg.hflip, g)
+        x, ya, yb, lam = mix(x, y, self.cfg.mixup, self.cfg.cutmix, g)
+        return x, ya, yb, lam
+
+    def forward(self, net, x01):
+        x = (x01 - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        f = net.forward_features(x)
+        return net.forward_head(f), f
+
+    def teacher_logits(self, x01):
+        t, tmeta = self.teacher
+        mean = torch.tensor(tmeta["mean"], device=self.dev).view(1, -1, 1, 1)
+        std = torch.tensor(tmeta["std"], device=self.dev).view(1, -1, 1, 1)
+        with torch.no_grad():
+            return t((x01 - mean) / std).float()
+
+    @torch.no_grad()
+    def val_logits(self, net) -> np.ndarray:
+        from .checkpoint import predict_logits
+
+        was = net.training
+        out = predict_logits(net, self.meta, self.val_images, self.cfg.eval_batch_size, None)
+        net.train(was)
+        return out
+
+
+class FeatureTask:
+    """cRT: the backbone is frozen; the trainable module is the head; inputs are precomputed features."""
+
+    def __init__(self, model, feats, val_feats, cfg: TrainConfig, dev):
+        self.model, self.cfg, self.dev = model, cfg, dev
+        self.feats = torch.from_numpy(feats).to(dev)
+        self.val_feats = torch.from_numpy(val_feats).to(dev)
+        self.teacher = None
+
+    @property
+    def net(self) -> nn.Module:
+        return self.model.head
+
+    def inputs(self, idx, y, g):
+        return self.feats[torch.from_numpy(idx).to(self.dev)], y, y, 1.0
+
+    def forward(self, net, f):
+        return net(f), f
+
+    @torch.no_grad()
+    def val_logits(self, net) -> np.ndarray:
+        was = net.training
+        net.eval()
+        out = torch.cat([net(self.val_feats[i:i + 4096]).float().cpu() for i in range(0, len(self.val_feats), 4096)])
+        net.train(was)
+        return out.numpy()
+
+
+# ----------------------------------------------------------------------------- setup
+def _check_names(cfg: TrainConfig) -> None:
+    if cfg.loss not in LOSSES:
+        raise unknown_name("loss", cfg.loss, LOSSES)
+    if cfg.sampler not in SAMPLERS:
+        raise unknown_name("sampler", cfg.sampler, SAMPLERS)
+    if cfg.stage == "full" and cfg.model not in MODELS:
+        import timm
+
+        if not timm.is_model(cfg.model):
+            raise unknown_name("model", cfg.model, MODELS)
+    if cfg.stage == "crt" and cfg.teacher:
+        raise TailforgeError("distillation (teacher) is not supported with stage crt",
+                             "distil in the full stage, then run crt on the student")
+
+
+def _model_folder(run: RunDir, name: str) -> Path:
+    p = Path(name)
+    if p.is_dir() and (p / "config.json").exists():
+        return p
+    d = run.model_dir(name)
+    if not (d / "config.json").exists():
+        raise TailforgeError(f"model '{name}' is not trained in run {run.root}",
+                             f"train it first (models here: {', '.join(run.models()) or 'none'})")
+    return d
+
+
+def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
+    """Build (task, labels, sample weights, meta, info) for the stage."""
+    info = run.dataset_info()
+    nc, chans = info["num_classes"], info["channels"]
+    size = tuple(info["image_size"])
+    rows = training_table(run, cfg)
+    real_all = read_manifest(run.real)
+    val = real_all[(real_all["split"] == "val") & (real_all["source"] == "real")]
+    if rows.empty or (rows["source"] == "real").sum() == 0:
+        raise TailforgeError(f"run {run.root} has no real training images", "build the run with `tailforge measure`")
+    if val.empty:
+        raise TailforgeError(f"run {run.root} has no val split for model selection",
+                             "rebuild the run with a val fraction > 0")
+    is_feat = rows["source"] == "featdict"
+    img_rows = rows[~is_feat]
+    meta_extra = {"n_real": int((rows["source"] == "real").sum()), "n_synthetic_images": int((~is_feat).sum()
+                  - (rows["source"] == "real").sum()), "n_featdict": 0}
+
+    if cfg.stage == "crt":
+        base, bmeta = load_model(_model_folder(run, cfg.base), dev)
+        if bmeta["num_classes"] != nc:
+            raise TailforgeError(f"base model '{cfg.base}' has {bmeta['num_classes']} classes, this run {nc}",
+                                 "use a base model trained on this run")
+        loss_head = LOSSES[cfg.loss].head
+        base.head = make_head(loss_head, base.feature_dim, nc, cfg.scale).to(dev)
+        for p in base.backbone.parameters():
+            p.requires_grad_(False)
+        imgs = load_images(img_rows["uri"], run.root, chans, size)
+        feats = embed(base, bmeta, imgs, cfg.eval_batch_size, dev)
+        fd = rows[is_feat]
+        if "feature_model" in fd.columns:
+            fd = fd[fd["feature_model"] == cfg.base]
+        else:
+            fd = fd.iloc[0:0]
+        labels = img_rows["label"].to_numpy()
+        sources = img_rows["source"].to_numpy()
+        if len(fd):
+            vec = featdict_vectors(run, fd)
+            if vec.shape[1] != feats.shape[1]:
+                raise TailforgeError(f"featdict features have dimension {vec.shape[1]} but '{cfg.base}' gives "
+                                     f"{feats.shape[1]}", "generate featdict samples from this base model")
+            feats = np.concatenate([feats, vec])
+            labels = np.concatenate([labels, fd["label"].to_numpy()])
+            sources = np.concatenate([sources, fd["source"].to_numpy()])
+        meta_extra["n_featdict"] = int(len(fd))
+        val_feats = embed(base, bmeta, load_images(val["uri"], run.root, chans, size), cfg.eval_batch_size, dev)
+        meta = {**bmeta, "head": loss_head, "scale": cfg.scale}
+        task = FeatureTask(base, feats, val_feats, cfg, dev)
+        model = base
+    else:
+        imgs = load_images(img_rows["uri"], run.root, chans, size)
+        real_imgs = imgs[(img_rows["source"] == "real").to_numpy()]
+        mean, std = channel_stats(real_imgs)
+        loss_head = LOSSES[cfg.loss].head
+        model = create_model(cfg.model, nc, chans, max(size), width=cfg.width, head=loss_head, scale=cfg.scale,
+                             input_size=cfg.input_size)
+        if cfg.pretrained is not None:
+            meta_extra["pretrained"] = {"path": str(cfg.pretrained), **load_pretrained(model, cfg.pretrained)}
+        meta = {"arch": cfg.model, "num_classes": nc, "in_chans": chans, "image_size": list(size),
+                "input_size": model.input_size, "mean": mean, "std": std, "feature_dim": model.feature_dim,
+                "class_names": info["class_names"], "head": loss_head, "scale": cfg.scale, "width": cfg.width}
+        model = model.to(dev)
+        if dev.type == "cuda" and cfg.amp:
+            model = model.to(memory_format=torch.channels_last)
+        teacher = None
+        if cfg.teacher:
+            t, tmeta = load_model(_model_folder(run, cfg.teacher), dev)
+            if tmeta["num_classes"] != nc:
+                raise TailforgeError(f"teacher '{cfg.teacher}' has {tmeta['num_classes']} classes, this run {nc}",
+                                     "use a teacher trained on this dataset")
+            teacher = (t, tmeta)
+        val_imgs = load_images(val["uri"], run.root, chans, size)
+        task = ImageTask(model, meta, imgs, val_imgs, cfg, dev, teacher)
+        labels = img_rows["label"].to_numpy()
+        sources = img_rows["source"].to_numpy()
+        meta_extra["n_featdict_ignored"] = int(is_feat.sum())
+    weights = np.where(sources == "real", 1.0, cfg.synthetic_weight).astype(np.float32)
+    counts = np.bincount(labels, minlength=nc)
+    meta["train_counts"] = counts.tolist()
+    meta.update(meta_extra)
+    return task, model, labels, weights, counts, meta, val["label"].to_numpy()
+
+
+# ----------------------------------------------------------------------------- fit
+def fit(run: RunDir, cfg: TrainConfig, name: str, progress=None) -> Path:
+    """Train ``cfg`` on ``run`` and write ``models/<name>/``; returns that folder.
+
+    A finished model with the same settings is returned as is (resume of a whole pipeline);
+    one with other settings is refused unless ``cfg.overwrite``.
+    """
+    run = RunDir(run.root if isinstance(run, RunDir) else run)
+    _check_names(cfg)
+    if not name or "/" in name or name.startswith("."):
+        raise TailforgeError(f"invalid model name '{name}'", "use a plain folder name like resnet32-ce-s0")
+    final = run.model_dir(name)
+    ident = cfg.identity()
+    if (final / "config.json").exists():
+        old = read_json(final / "config.json").get("identity")
+        if old == ident:
+            return final
+        if not cfg.overwrite:
+            raise TailforgeError(f"model '{name}' already exists in {run.root} with other settings",
+                                 "choose another --name, or pass --overwrite")
+    work = run.root / "models" / f".work-{name}"
+    dev = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    task, model, labels, weights, counts, meta, val_y = _setup(run, cfg, dev)
+    loss_fn = build_loss(cfg, counts).to(dev)
+    net = task.net
+    opt = _optimizer(cfg, net)
+    bs = min(cfg.batch_size, len(labels))
+    steps = max(1, len(labels) // bs)  # drop the last partial batch (BatchNorm needs > 1 sample)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.epochs * steps, int(round(cfg.warmup * steps))))
+    ema = EMA(net, cfg.ema) if cfg.ema > 0 else None
+    state = {"epoch": 0, "best": {"epoch": -1, "val_balanced_acc": -1.0}, "log": [], "best_weights": None}
+    start = 0
+    if cfg.resume and (work / STATE).exists():
+        saved = torch.load(work / STATE, map_location=dev, weights_only=False)
+        if saved.get("identity") == json.dumps(ident, sort_keys=True):
+            net.load_state_dict(saved["net"])
+            opt.load_state_dict(saved["opt"])
+            sched.load_state_dict(saved["sched"])
+            if ema is not None:
+                ema.module.load_state_dict(saved["ema"])
+            state = saved["state"]
+            start = state["epoch"]
+    if not (cfg.resume and start > 0):
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+
+    amp = dev.type == "cuda" and cfg.amp
+    y_all = torch.from_numpy(np.array(labels, dtype=np.int64)).to(dev)
+    w_all = torch.from_numpy(weights).to(dev)
+    total = cfg.epochs * steps
+    for epoch in range(start, cfg.epochs):
+        g = seed_epoch(cfg.seed, epoch)
+        order = epoch_indices(cfg.sampler, labels, cfg.seed, epoch)
+        net.train()
+        if cfg.stage == "crt":
+            model.backbone.eval()
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for step in range(steps):
+            idx = order[step * bs:(step + 1) * bs]
+            tidx = torch.from_numpy(idx).to(dev)
+            x, ya, yb, lam = task.inputs(idx, y_all[tidx], g)
+            w = w_all[tidx]
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                logits, feats = task.forward(net, x)
+            per = lam * loss_fn(logits, ya, epoch)
+            if lam < 1:
+                per = per + (1 - lam) * loss_fn(logits, yb, epoch)
+            loss = (w * per).sum() / w.sum().clamp_min(1e-12)
+            if task.teacher is not None:
+                kd = kd_loss(logits, task.teacher_logits(x), cfg.kd_temperature)
+                loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * (w * kd).sum() / w.sum().clamp_min(1e-12)
+            if cfg.supcon_weight > 0:
+                loss = loss + cfg.supcon_weight * supcon(feats, ya, cfg.supcon_temperature)
+            if not torch.isfinite(loss):
+                raise TailforgeError(f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}",
+                                     "lower --lr, keep --clip-grad on, or turn off --amp")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update(net)
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            if progress:
+                progress(epoch * steps + step + 1, total, {"epoch": epoch + 1, "loss": round(loss.item(), 4),
+                                                           "lr": sched.get_last_lr()[0]})
+        train_s = time.perf_counter() - t0
+        judged = ema.module if ema is not None else net
+        vlog = task.val_logits(judged)
+        vpred = vlog.argmax(1)
+        rec = {"epoch": epoch + 1, "train_loss": round(loss_sum / max(seen, 1), 6), "lr": sched.get_last_lr()[0],
+               "val_balanced_acc": round(balanced_accuracy(val_y, vpred), 6),
+               "val_top1": round(float((vpred == val_y).mean()), 6), "images_per_s": round(seen / train_s, 1),
+               "time_s": round(train_s, 3)}
+        state["log"].append(rec)
+        if rec["val_balanced_acc"] > state["best"]["val_balanced_acc"]:
+            state["best"] = {"epoch": epoch + 1, "val_balanced_acc": rec["val_balanced_acc"],
+                             "val_top1": rec["val_top1"], "split": "val"}
+            state["best_weights"] = {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}
+        state["epoch"] = epoch + 1
+        _save_state(work, ident, net, opt, sched, ema, state)
+        if progress:
+            progress((epoch + 1) * steps, total, {"event": "epoch", **rec})
+
+    net.load_state_dict(state["best_weights"])
+    meta.update({"images_per_s": state["log"][-1]["images_per_s"] if state["log"] else None,
+                 "device": str(dev), "best_epoch": state["best"]["epoch"]})
+    _write_model(final, model, cfg, meta, state)
+    shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def _optimizer(cfg: TrainConfig, net: nn.Module):
+    groups = param_groups(net, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+
+
+def _save_state(work: Path, ident: dict, net, opt, sched, ema, state: dict) -> None:
+    blob = {"identity": json.dumps(ident, sort_keys=True), "net": net.state_dict(), "opt": opt.state_dict(),
+            "sched": sched.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+            "state": state}
+    with atomic_path(work / STATE) as tmp:
+        torch.save(blob, tmp)
+    write_text(work / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state["log"]))
+
+
+def _write_model(final: Path, model, cfg: TrainConfig, meta: dict, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(final) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"))
+        write_json(tmp / "config.json", {"train": cfg.model_dump(mode="json"), "identity": cfg.identity(),
+                                         "meta": meta})
+        write_text(tmp / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state["log"]))
+        write_json(tmp / "best.json", state["best"])
+
+
+__all__ = ["fit", "training_table", "build_from_meta"]
