@@ -1,0 +1,41 @@
+"""Prefect flows wiring the stages, and the ``tailforge`` CLI.
+
+Importing this package is cheap (the CLI imports it); the flows load on first use:
+``from flows import benchmark, rebalance, run_flow``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_LAZY = {"rebalance", "benchmark", "measure_flow", "plan_flow", "generate_flow", "filter_flow", "train_flow",
+         "evaluate_flow", "run_flow", "make_runner", "FLOWS"}
+
+
+def prefect_env() -> None:
+    """Offline Prefect defaults, set before Prefect is imported: no analytics or telemetry, the
+    ephemeral local API unless PREFECT_API_URL is set, and a writable PREFECT_HOME (a fresh temp
+    folder when ~/.prefect cannot be written, e.g. a read-only home in CI)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY", "false")
+    os.environ.setdefault("PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT", "false")
+    if "PREFECT_HOME" not in os.environ:
+        home = Path.home() / ".prefect"
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            probe = home / f".tailforge-write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError:
+            os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="tailforge-prefect-")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        prefect_env()
+        from . import flows as _flows
+
+        return getattr(_flows, name)
+    raise AttributeError(f"module 'flows' has no attribute {name!r}")

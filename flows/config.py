@@ -1,0 +1,228 @@
+"""``RunConfig``: every stage's config in one validated model.
+
+It is the single parameter of the ``rebalance`` and ``benchmark`` flows (the Prefect UI shows its
+fields and descriptions as a form), it loads from YAML for ``tailforge run --config``, and it is
+written to the run folder as ``config.yaml``. A later run on the same folder must not contradict
+the settings that produced the outputs already there (``check_run_folder``).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from data import DataConfig, MeasureConfig, RunDir, TailforgeError
+from data.atomic import write_text
+
+from .cliutil import load_yaml, validation_error
+
+DEFAULT_YAML = Path(__file__).with_name("default.yaml")
+
+
+class _Pending(BaseModel):
+    """Stand-in for a stage config whose package is not installed yet (keeps RunConfig importable)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+def _stage_model(module: str, name: str) -> type[BaseModel]:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return _Pending
+
+
+PlanConfig = _stage_model("gen.config", "PlanConfig")
+GenerateConfig = _stage_model("gen.config", "GenerateConfig")
+FilterConfig = _stage_model("eval.filter", "FilterConfig")
+TrainConfig = _stage_model("train.config", "TrainConfig")
+EvalConfig = _stage_model("eval.config", "EvalConfig")
+if EvalConfig is _Pending:
+    EvalConfig = _stage_model("eval", "EvalConfig")
+
+
+class RunnerConfig(BaseModel):
+    """Where the tasks run: threads in this process, or a Dask cluster (prefect-dask)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runner: Literal["thread", "dask"] = Field(
+        "thread", description="task runner of the generation shards: thread (this process) or dask "
+        "(prefect-dask: a local cluster, or the scheduler at `address`)")
+    workers: Union[int, None] = Field(
+        None, ge=1, description="parallel shard workers (default: 1 thread on CPU; dask: one worker per GPU, "
+        "else 2)")
+    address: Union[str, None] = Field(None, description="dask: address of an existing scheduler, e.g. "
+                                      "tcp://10.0.0.5:8786 (default: start a local cluster)")
+    shard_retries: int = Field(2, ge=0, description="retries of a failed generation shard")
+
+
+class RunConfig(BaseModel):
+    """One run of tailforge: dataset, long tail, plan, generator, filter, training and evaluation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: str = Field("runs/digits-lt", description="run folder (created if missing)")
+    data: DataConfig = Field(default_factory=DataConfig, description="dataset and long-tail construction")
+    measure: MeasureConfig = Field(default_factory=MeasureConfig, description="many/medium/few group thresholds")
+    plan: PlanConfig = Field(default_factory=PlanConfig, description="how many samples each class gets")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="generator and its options")
+    filter: FilterConfig = Field(default_factory=FilterConfig, description="embedding filter of the candidates")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="classifier training (baseline and "
+                               "rebalanced use the same settings, seed and budget; only the data differs)")
+    evaluate: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+    baseline: str = Field("baseline", description="model name of the real-only classifier")
+    rebalanced: str = Field("rebalanced", description="model name of the classifier trained on real + "
+                            "accepted synthetic data")
+    eval_split: Literal["val", "test"] = Field("test", description="split reported by evaluate/compare (model "
+                                               "selection always uses val)")
+    runner: RunnerConfig = Field(default_factory=RunnerConfig, description="task runner")
+
+    @property
+    def run_dir(self) -> RunDir:
+        return RunDir(self.run)
+
+    def rebalanced_train(self) -> BaseModel:
+        """The rebalanced model's TrainConfig: the same as the baseline's but with accepted synthetic data."""
+        return _with(self.train, synthetic="filtered")
+
+    def baseline_train(self) -> BaseModel:
+        return _with(self.train, synthetic="none")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+
+
+def _with(model: BaseModel, **changes) -> BaseModel:
+    fields = getattr(type(model), "model_fields", {})
+    ok = {k: v for k, v in changes.items() if k in fields or isinstance(model, _Pending)}
+    return model.model_copy(update=ok)
+
+
+# --------------------------------------------------------------------------- loading and validation
+
+def check_tree(model: type[BaseModel], data: Any, where: str, source: str) -> None:
+    """Unknown keys anywhere in a nested config -> one error naming the key and its nearest valid one."""
+    if not isinstance(data, dict) or model is _Pending:
+        return
+    fields = model.model_fields
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            valid = list(fields)
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = (f"did you mean '{close[0]}'? " if close else "") + f"valid keys{' of ' + where if where else ''}: " \
+                + ", ".join(valid)
+            raise TailforgeError(f"unknown key '{path}' in {source}", hint)
+        sub = _nested_model(fields[key].annotation)
+        if sub is not None:
+            check_tree(sub, value, path, source)
+
+
+def _nested_model(ann) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in typing.get_args(ann):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """``["train.epochs=3", "data.dataset=digits"]`` -> nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    for item in items or []:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise TailforgeError(f"--set '{item}' is not of the form key.path=value", "write e.g. --set train.epochs=3")
+        value = yaml.safe_load(text) if text.strip() else None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """The run config: ``path`` (default: the embedded digits config) with ``overrides`` on top.
+
+    A user YAML is read on top of the model defaults; every key is checked before anything runs.
+    """
+    source = str(path) if path else "the embedded default config"
+    data = load_yaml(path if path else DEFAULT_YAML)
+    check_tree(RunConfig, data, "", source)
+    data = _merge(data, overrides or {})
+    check_tree(RunConfig, data, "", "the command-line options")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, f"config ({source})") from None
+
+
+# --------------------------------------------------------------------------- the run folder
+
+# section of the config -> (files whose presence means the section already shaped the run folder)
+OUTPUTS = {
+    "data": ("real.parquet",),
+    "measure": ("counts.json",),
+    "plan": ("plan.json",),
+    "generate": ("candidates.parquet",),
+    "filter": ("filtered.parquet",),
+    "train": ("models",),
+}
+# settings that never change results: they may differ between runs on one folder
+NEUTRAL = {"device", "resume", "overwrite", "eval_batch_size", "batch_size_eval", "workers", "num_workers"}
+
+
+def _diff(old: Any, new: Any, path: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            if k in NEUTRAL:
+                continue
+            out += _diff(old.get(k), new.get(k), f"{path}.{k}")
+        return out
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
+def check_run_folder(cfg: RunConfig) -> None:
+    """Refuse a config that contradicts outputs already in the run folder (before any work starts)."""
+    run = cfg.run_dir
+    if not run.config.exists():
+        return
+    try:
+        old = yaml.safe_load(run.config.read_text()) or {}
+    except yaml.YAMLError:
+        raise TailforgeError(f"{run.config} is not valid YAML", "delete it, or choose a new run folder") from None
+    new = cfg.model_dump(mode="json")
+    for section, files in OUTPUTS.items():
+        if not any((run.root / f).exists() for f in files):
+            continue
+        if section == "train" and getattr(cfg.train, "overwrite", False):
+            continue
+        diffs = _diff(old.get(section), new.get(section), section)
+        if diffs:
+            more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+            raise TailforgeError(
+                f"config contradicts run folder {run.root}, whose {section} outputs were made with other "
+                f"settings: {diffs[0]}{more}",
+                f"use the settings in {run.config}, or choose a new run folder (--run)")
+
+
+def write_config(cfg: RunConfig) -> Path:
+    """Write the resolved config to ``config.yaml`` atomically."""
+    cfg.run_dir.root.mkdir(parents=True, exist_ok=True)
+    return write_text(cfg.run_dir.config, cfg.to_yaml())

@@ -1,0 +1,165 @@
+"""Prefect flows: one per stage, ``rebalance`` (every stage on one run folder) and ``benchmark``.
+
+``benchmark`` trains the baseline (real data only) and the rebalanced model (real + accepted
+synthetic) with the same split, seed, architecture and budget, evaluates both on the same split and
+publishes the comparison report. ``tailforge run`` runs it; without ``--config`` on the embedded
+digits config (offline, minutes on a laptop CPU).
+
+Generation shards fan out through the flow's task runner: threads in this process by default, or
+prefect-dask (``runner: {runner: dask}``): a local Dask cluster with one worker per GPU, or an
+existing scheduler (``address``). Every other stage runs in the flow's own process.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.futures import wait
+
+from data import DataConfig, MeasureConfig, RunDir
+
+from . import prefect_env
+from .config import (FilterConfig, GenerateConfig, PlanConfig, RunConfig, RunnerConfig, TrainConfig,
+                     check_run_folder, write_config)
+from .tasks import (ProgressArtifact, artifact_key, collect_task, compare_task, evaluate_task, filter_task,
+                    generate_shard_task, measure_task, plan_task, prepare_generator_task, train_task)
+
+
+# --------------------------------------------------------------------------- environment and runners
+
+def make_runner(rc: RunnerConfig):
+    """The task runner of the generation shards."""
+    if rc.runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if rc.address:
+            return DaskTaskRunner(address=rc.address)
+        n = rc.workers or _gpus() or 2
+        return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=rc.workers or 1)
+
+
+def _gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:  # pragma: no cover
+        return 0
+
+
+# --------------------------------------------------------------------------- stage steps (called inside flows)
+
+def _generate_steps(run: str, gen_cfg, rc: RunnerConfig) -> int:
+    """Prepare the generator, fan the shards out through the task runner, collect candidates."""
+    import gen
+    from gen.planner import Plan
+
+    r = RunDir(run)
+    prepare_generator_task(run, gen_cfg)
+    shards = gen.make_shards(Plan.load(r), gen_cfg.generator, gen_cfg.shard_size)
+    prog = ProgressArtifact(artifact_key(r, "generation"), f"generating {sum(s.size for s in shards)} "
+                            f"{gen_cfg.generator} samples in {len(shards)} shards", every=0.5)
+    task = generate_shard_task.with_options(retries=rc.shard_retries)
+    futures = [task.submit(run, gen_cfg, s) for s in shards]
+    total, done = sum(s.size for s in shards), 0
+    for fut, s in zip(futures, shards):
+        fut.wait()
+        if fut.state.is_completed():
+            done += s.size
+            prog(done, total, {"shard": s.id})
+    wait(futures)
+    for fut in futures:
+        fut.result()  # raise the first failure (after retries): the flow fails, finished shards stay
+    return collect_task(run, gen_cfg)
+
+
+def _rebalance_steps(cfg: RunConfig) -> dict:
+    run = cfg.run
+    check_run_folder(cfg)
+    write_config(cfg)
+    logger = get_run_logger()
+    logger.info("run folder %s (config.yaml written)", Path(run).resolve())
+    measure_task(run, cfg.data, cfg.measure)
+    plan = plan_task(run, cfg.plan)
+    n = _generate_steps(run, cfg.generate, cfg.runner) if plan["total"] > 0 else 0
+    logger.info("%d candidates", n)
+    # the filter's default embedder is the real-only classifier: the baseline trains first
+    train_task(run, cfg.baseline_train(), cfg.baseline)
+    summary = filter_task(run, cfg.filter, upstream=cfg.baseline)
+    logger.info("filter: %s", summary)
+    train_task(run, cfg.rebalanced_train(), cfg.rebalanced)
+    metrics = evaluate_task(run, cfg.rebalanced, cfg.eval_split, cfg.evaluate)
+    return {"run": str(Path(run).resolve()), "candidates": n, "filter": summary, "metrics": {cfg.rebalanced: metrics}}
+
+
+# --------------------------------------------------------------------------- flows
+
+FLOW_OPTS = dict(log_prints=True, validate_parameters=True, persist_result=False)
+
+
+@flow(name="rebalance", description="Every stage on one run folder: measure, plan, generate, filter, train, "
+      "evaluate.", **FLOW_OPTS)
+def rebalance(config: RunConfig = RunConfig()) -> dict:
+    return _rebalance_steps(config)
+
+
+@flow(name="benchmark", description="Baseline (real only) vs rebalanced (real + filtered synthetic): same split, "
+      "seed and budget; publishes the comparison report.", **FLOW_OPTS)
+def benchmark(config: RunConfig = RunConfig()) -> dict:
+    out = _rebalance_steps(config)
+    run, split = config.run, config.eval_split
+    out["metrics"][config.baseline] = evaluate_task(run, config.baseline, split, config.evaluate)
+    report = compare_task(run, [config.baseline, config.rebalanced], config.baseline, split)
+    out["report"] = str(Path(report).resolve())
+    get_run_logger().info("report: %s", out["report"])
+    return out
+
+
+@flow(name="measure", description="Build the real manifest and measure class frequencies.", **FLOW_OPTS)
+def measure_flow(run: str, data: DataConfig = DataConfig(), measure: MeasureConfig = MeasureConfig()) -> dict:
+    return measure_task(run, data, measure)
+
+
+@flow(name="plan", description="Per-class quotas of synthetic samples.", **FLOW_OPTS)
+def plan_flow(run: str, plan: PlanConfig = PlanConfig()) -> dict:
+    return plan_task(run, plan)
+
+
+@flow(name="generate", description="Generate the plan's shards (fanned out through the task runner).", **FLOW_OPTS)
+def generate_flow(run: str, generate: GenerateConfig = GenerateConfig(),
+                  runner: RunnerConfig = RunnerConfig()) -> int:
+    return _generate_steps(run, generate, runner)
+
+
+@flow(name="filter", description="Score and accept candidates by embedding similarity.", **FLOW_OPTS)
+def filter_flow(run: str, filter: FilterConfig = FilterConfig()) -> dict:
+    return filter_task(run, filter)
+
+
+@flow(name="train", description="Train one classifier on the run's manifest.", **FLOW_OPTS)
+def train_flow(run: str, name: str = "rebalanced", train: TrainConfig = TrainConfig()) -> str:
+    return train_task(run, train, name)
+
+
+@flow(name="evaluate", description="Evaluate models on a split and compare them with the baseline.", **FLOW_OPTS)
+def evaluate_flow(run: str, models: list[str] | None = None, baseline: str = "baseline", split: str = "test") -> dict:
+    models = models or RunDir(run).models()
+    out = {m: evaluate_task(run, m, split) for m in models}
+    if baseline in models and len(models) > 1:
+        out["report"] = compare_task(run, models, baseline, split)
+    return out
+
+
+FLOWS = {"rebalance": rebalance, "benchmark": benchmark}
+
+
+def run_flow(cfg: RunConfig, which: str = "benchmark") -> dict:
+    """Run ``rebalance`` or ``benchmark`` with the task runner the config asks for."""
+    prefect_env()
+    check_run_folder(cfg)  # before Prefect starts: a contradicting config costs nothing
+    fl = FLOWS[which].with_options(task_runner=make_runner(cfg.runner))
+    return fl(config=cfg)

@@ -1,0 +1,459 @@
+"""Prefect tasks: one per stage, each a thin wrapper around the stage's plain function.
+
+Every task decides first whether its outputs in the run folder are already up to date (a stamp in
+``<run>/.flows/<task>.json`` records the hash of the settings that made them, and the outputs must
+exist). If so it does no work and finishes in the state ``Cached`` with a ``cached:`` log line, so a
+re-run of a finished flow is visibly free, and a killed flow resumes at the first unfinished task or
+generation shard. Prefect's own result cache is off (``cache_policy=NONE``): the run folder is the
+single source of truth, and deleting an output re-runs the task that makes it.
+
+Artifacts (Prefect UI, "Artifacts" tab of the flow run): class-count table and histogram, plan
+table, progress of generator training, generation and classifier training, filter table with sample
+grids, metrics tables and the comparison report.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.states import Completed
+
+from data import RunDir, read_json, write_json
+
+STAMPS = ".flows"
+EMBED_LIMIT = 600_000  # bytes: images up to this size are embedded in markdown artifacts
+
+
+# --------------------------------------------------------------------------- run-folder stamps
+
+def settings_key(*parts: Any) -> str:
+    """Hash of the settings that determine a task's outputs."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def stamp_path(run: RunDir, name: str) -> Path:
+    return run.root / STAMPS / f"{name}.json"
+
+
+def is_done(run: RunDir, name: str, key: str, outputs: list[Path]) -> bool:
+    """True when the outputs exist and were made by the same settings (the stamp's key)."""
+    p = stamp_path(run, name)
+    if not p.exists() or not all(Path(o).exists() for o in outputs):
+        return False
+    try:
+        return read_json(p).get("key") == key
+    except (OSError, ValueError):
+        return False
+
+
+def mark_done(run: RunDir, name: str, key: str, **info) -> None:
+    write_json(stamp_path(run, name), {"key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
+
+
+def cached(name: str, run: RunDir, data: Any = None):
+    """The final state of a task that found its outputs up to date (shown as ``Cached`` in the UI)."""
+    msg = f"cached: {name} outputs in {run.root} are up to date, nothing to do"
+    get_run_logger().info(msg)
+    return Completed(name="Cached", message=msg, data=data)
+
+
+# --------------------------------------------------------------------------- artifacts
+
+def artifact_key(run: RunDir, what: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes; one key per run folder and item."""
+    slug = re.sub(r"[^a-z0-9]+", "-", run.root.name.lower()).strip("-") or "run"
+    return f"{slug}-{what}"
+
+
+def image_md(path: Path, alt: str) -> str:
+    """Markdown for an image: embedded (data URI) when small, a file link otherwise."""
+    path = Path(path)
+    if not path.exists():
+        return ""
+    if path.stat().st_size <= EMBED_LIMIT:
+        b64 = base64.b64encode(path.read_bytes()).decode()
+        return f"![{alt}](data:image/png;base64,{b64})\n\n_file: `{path.resolve()}`_\n"
+    return f"[{alt}]({path.resolve().as_uri()}) (`{path.resolve()}`)\n"
+
+
+def table(key: str, rows: list[dict], description: str) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(rows, key=key, description=description)
+
+
+def markdown(key: str, text: str, description: str) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(text, key=key, description=description)
+
+
+class ProgressArtifact:
+    """A stage ``progress(done, total, info)`` callback that updates a Prefect progress artifact.
+
+    Updates are throttled (at most one per ``every`` seconds, plus the last one), so a fast loop
+    does not flood the API. The latest ``info`` goes into the description.
+    """
+
+    def __init__(self, key: str, description: str, every: float = 1.0):
+        from prefect.artifacts import create_progress_artifact
+
+        self.description = description
+        self.every = every
+        self.last = 0.0
+        self.lock = threading.Lock()
+        self.id = create_progress_artifact(0.0, key=key, description=description)
+
+    def __call__(self, done: int, total: int, info: dict | None = None) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        now = time.monotonic()
+        with self.lock:
+            if done < total and now - self.last < self.every:
+                return
+            self.last = now
+        pct = 100.0 * done / total if total else 100.0
+        text = ", ".join(f"{k}={v}" for k, v in (info or {}).items())
+        try:
+            update_progress_artifact(self.id, min(pct, 100.0), description=f"{self.description} ({done}/{total}"
+                                     + (f"; {text}" if text else "") + ")")
+        except Exception as exc:  # progress is best effort: never fail the stage for it
+            get_run_logger().debug("progress artifact update failed: %s", exc)
+
+
+# --------------------------------------------------------------------------- measure
+
+@task(name="measure", cache_policy=NONE, task_run_name="measure {run}")
+def measure_task(run: str, data_cfg, measure_cfg) -> dict:
+    """Build the real manifest (splits, long tail) and measure class frequencies."""
+    from data import ClassStats, build_manifest, measure_run
+
+    r = RunDir(run)
+    key = settings_key(data_cfg.fingerprint(), measure_cfg.model_dump(mode="json"))
+    if is_done(r, "measure", key, [r.real, r.dataset, r.counts]):
+        return cached("measure", r, ClassStats.load(r).to_dict())
+    build_manifest(data_cfg, r)
+    stats = measure_run(r, measure_cfg)
+    publish_counts(r, stats)
+    mark_done(r, "measure", key)
+    return stats.to_dict()
+
+
+def publish_counts(run: RunDir, stats) -> None:
+    rows = [{"class": i, "name": stats.class_names[i], "group": stats.groups[i],
+             **{s: stats.counts[s][i] for s in ("train", "val", "test")}}
+            for i in sorted(range(stats.num_classes), key=lambda i: -stats.counts["train"][i])]
+    table(artifact_key(run, "counts"), rows,
+          f"{stats.dataset}: real images per class and split (train split long-tailed, imbalance factor "
+          f"{stats.imbalance_factor:.1f})")
+    md = (f"# Class frequencies: {stats.dataset}\n\n"
+          f"train imbalance factor **{stats.imbalance_factor:.1f}**, Gini {stats.gini:.3f}, groups "
+          f"({stats.group_rule}): " + ", ".join(f"{g} {n}" for g, n in stats.group_sizes.items()) + "\n\n"
+          + image_md(run.root / "counts.png", "train images per class"))
+    markdown(artifact_key(run, "histogram"), md, "train images per class (log scale), coloured by group")
+
+
+# --------------------------------------------------------------------------- plan
+
+@task(name="plan", cache_policy=NONE, task_run_name="plan {run}")
+def plan_task(run: str, plan_cfg) -> dict:
+    """Per-class quotas of synthetic samples (plan.json)."""
+    import gen
+
+    r = RunDir(run)
+    key = settings_key(_counts_key(r), plan_cfg.model_dump(mode="json"))
+    if is_done(r, "plan", key, [r.plan]):
+        return cached("plan", r, read_json(r.plan))
+    p = gen.plan_run(r, plan_cfg)
+    publish_plan(r, p)
+    mark_done(r, "plan", key)
+    return p.to_dict()
+
+
+def _counts_key(run: RunDir) -> str:
+    return hashlib.sha256(run.counts.read_bytes()).hexdigest()[:16] if run.counts.exists() else ""
+
+
+def publish_plan(run: RunDir, plan) -> None:
+    rows = [{"class": q.label, "name": q.class_name, "have": q.have, "target": q.target, "need": q.need,
+             "generate": q.generate} for q in plan.classes]
+    table(artifact_key(run, "plan"), rows,
+          f"generation plan: target '{plan.target}', over-generation x{plan.overgen}, {plan.total} samples in all")
+
+
+# --------------------------------------------------------------------------- generate
+
+_GENERATORS: dict[tuple, Any] = {}
+_GEN_LOCK = threading.Lock()
+
+
+def generator_for(run: RunDir, gen_cfg, progress=None):
+    """The run's generator, prepared once per process (a thread pool shares it; dask workers each hold one)."""
+    import gen
+    from gen.planner import Plan
+
+    k = (str(run.root.resolve()), gen_cfg.model_dump_json())
+    with _GEN_LOCK:
+        if k not in _GENERATORS:
+            g = gen.GENERATORS[gen_cfg.generator](run, gen_cfg, run.dataset_info())
+            g.prepare(Plan.load(run), progress=progress)
+            _GENERATORS[k] = g
+        return _GENERATORS[k]
+
+
+def _gen_key(run: RunDir, gen_cfg) -> str:
+    d = gen_cfg.model_dump(mode="json")
+    d.pop("device", None)
+    return settings_key(d, hashlib.sha256(run.plan.read_bytes()).hexdigest()[:16] if run.plan.exists() else "")
+
+
+@task(name="prepare-generator", cache_policy=NONE, task_run_name="prepare {gen_cfg.generator}")
+def prepare_generator_task(run: str, gen_cfg) -> None:
+    """Train or load the generator once (the in-domain diffusion model trains here, with progress)."""
+    r = RunDir(run)
+    key = _gen_key(r, gen_cfg)
+    if is_done(r, f"prepare-{gen_cfg.generator}", key, []):
+        return cached(f"prepare {gen_cfg.generator}", r)
+    prog = ProgressArtifact(artifact_key(r, f"{gen_cfg.generator}-training"),
+                            f"training the {gen_cfg.generator} generator")
+    generator_for(r, gen_cfg, progress=prog)
+    mark_done(r, f"prepare-{gen_cfg.generator}", key)
+
+
+def shard_device(gen_cfg):
+    """One GPU per worker: a dask worker ``i`` of a local cluster uses ``cuda:i % n`` when several GPUs exist."""
+    if gen_cfg.device != "auto":
+        return gen_cfg
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+        if n > 1:
+            from distributed import get_worker
+
+            name = get_worker().name
+            idx = int(name) if str(name).isdigit() else abs(hash(name))
+            return gen_cfg.model_copy(update={"device": f"cuda:{idx % n}"})
+    except (ImportError, ValueError):
+        pass
+    return gen_cfg
+
+
+@task(name="generate-shard", cache_policy=NONE, task_run_name="shard {shard.id}", retries=2,
+      retry_delay_seconds=1)
+def generate_shard_task(run: str, gen_cfg, shard) -> int:
+    """Generate one shard (a class and an index range) into ``synthetic/<gen>/<shard>/``, atomically."""
+    from data import atomic_dir
+    from gen.shards import ROWS, rows_frame, shard_done
+
+    r = RunDir(run)
+    folder = r.synthetic(gen_cfg.generator) / shard.id
+    if shard_done(folder):
+        return cached(f"shard {shard.id}", r, shard.size)
+    g = generator_for(r, shard_device(gen_cfg))
+    with atomic_dir(folder) as tmp:
+        rows = rows_frame(g.run_shard(shard, tmp))
+        if len(rows) != shard.size:
+            raise RuntimeError(f"{gen_cfg.generator} produced {len(rows)} rows for shard {shard.id} of size {shard.size}")
+        rows.to_parquet(tmp / ROWS, index=False)
+    return shard.size
+
+
+@task(name="collect-candidates", cache_policy=NONE, task_run_name="collect candidates")
+def collect_task(run: str, gen_cfg) -> int:
+    """Union of the finished shards -> candidates.parquet, plus per-class sample grids."""
+    import gen
+    from gen.planner import Plan
+    from gen.shards import write_candidates
+
+    r = RunDir(run)
+    key = _gen_key(r, gen_cfg)
+    if is_done(r, "candidates", key, [r.candidates]):
+        import pandas as pd
+
+        return cached("collect candidates", r, len(pd.read_parquet(r.candidates, columns=["sample_id"])))
+    df = gen.collect_candidates(r, Plan.load(r))
+    write_candidates(r, df)
+    mark_done(r, "candidates", key, rows=len(df))
+    publish_candidates(r, gen_cfg.generator, df)
+    return len(df)
+
+
+def publish_candidates(run: RunDir, generator: str, df) -> None:
+    import gen
+
+    counts = df.groupby(["label", "class_name"]).size().reset_index(name="candidates")
+    table(artifact_key(run, "candidates"), counts.to_dict("records"),
+          f"{len(df)} {generator} candidates per class")
+    try:
+        grids = gen.write_sample_grids(run, generator) or []
+    except Exception as exc:  # pictures are a bonus; never fail generation for them
+        get_run_logger().warning("sample grids failed: %s", exc)
+        return
+    grids = [Path(g) for g in (grids if isinstance(grids, (list, tuple)) else [grids])][:6]
+    if grids:
+        markdown(artifact_key(run, "samples"), f"# {generator} samples (real exemplars above, synthetic below)\n\n"
+                 + "\n".join(image_md(g, g.stem) for g in grids), "generated samples per class")
+
+
+# --------------------------------------------------------------------------- filter
+
+@task(name="filter", cache_policy=NONE, task_run_name="filter {run}")
+def filter_task(run: str, filter_cfg, upstream: str = "") -> dict:
+    """Score every candidate (embedding similarity) and accept the useful ones: filtered.parquet."""
+    from eval.filter import filter_candidates
+
+    r = RunDir(run)
+    key = settings_key(filter_cfg.model_dump(mode="json"), upstream, _file_key(r.candidates))
+    if is_done(r, "filter", key, [r.filtered]):
+        return cached("filter", r, _filter_summary(r))
+    prog = ProgressArtifact(artifact_key(r, "filter-progress"), "filtering candidates")
+    filter_candidates(r, filter_cfg, prog)
+    mark_done(r, "filter", key)
+    summary = _filter_summary(r)
+    publish_filter(r)
+    return summary
+
+
+def _file_key(path: Path) -> str:
+    p = Path(path)
+    return f"{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.exists() else ""
+
+
+def _filter_summary(run: RunDir) -> dict:
+    import pandas as pd
+
+    df = pd.read_parquet(run.filtered, columns=["accepted", "reason"])
+    return {"candidates": len(df), "accepted": int(df["accepted"].sum()),
+            "reasons": df.loc[~df["accepted"], "reason"].value_counts().to_dict()}
+
+
+def publish_filter(run: RunDir) -> None:
+    import pandas as pd
+
+    df = pd.read_parquet(run.filtered)
+    rows = []
+    for (label, name), g in df.groupby(["label", "class_name"]):
+        acc = g["accepted"].astype(bool)
+        row = {"class": int(label), "name": name, "generated": len(g), "accepted": int(acc.sum()),
+               "rate": round(float(acc.mean()), 3)}
+        for reason, n in g.loc[~acc, "reason"].value_counts().items():
+            row[str(reason) or "rejected"] = int(n)
+        rows.append(row)
+    table(artifact_key(run, "filter"), rows, "filter: candidates generated / accepted per class, rejections by reason")
+    pics = sorted((run.root / "filter").glob("*.png")) if (run.root / "filter").is_dir() else []
+    if pics:
+        markdown(artifact_key(run, "filter-grids"), "# Filter: accepted vs rejected samples\n\n"
+                 + "\n".join(f"## {p.stem}\n\n" + image_md(p, p.stem) for p in pics[:8]),
+                 "sample grids of the filter (accepted above, rejected below) and the score histogram")
+
+
+# --------------------------------------------------------------------------- train, evaluate, compare
+
+@task(name="train", cache_policy=NONE, task_run_name="train {name}")
+def train_task(run: str, train_cfg, name: str, upstream: str = "") -> str:
+    """Train one classifier (``models/<name>/``) with a progress artifact; DDP via torchrun on >1 GPU."""
+    import train
+
+    r = RunDir(run)
+    ident = train_cfg.identity() if hasattr(train_cfg, "identity") else train_cfg.model_dump(mode="json")
+    data_key = _file_key(r.filtered) if getattr(train_cfg, "synthetic", "none") == "filtered" else \
+        _file_key(r.candidates) if getattr(train_cfg, "synthetic", "none") == "candidates" else ""
+    key = settings_key(ident, name, upstream, data_key, _file_key(r.real))
+    out = r.model_dir(name)
+    if is_done(r, f"train-{name}", key, [out / "model.safetensors"]):
+        return cached(f"train {name}", r, str(out))
+    prog = ProgressArtifact(artifact_key(r, f"train-{name}"), f"training {name}")
+    path = train.fit(r, train_cfg, name, progress=prog)
+    mark_done(r, f"train-{name}", key)
+    publish_training(r, name)
+    return str(path)
+
+
+def publish_training(run: RunDir, name: str) -> None:
+    best = run.model_dir(name) / "best.json"
+    if best.exists():
+        b = read_json(best)
+        table(artifact_key(run, f"train-{name}-best"), [{k: v for k, v in b.items() if not isinstance(v, (dict, list))}],
+              f"{name}: the checkpoint selected on the val split")
+
+
+def _call(fn, *args, **kw):
+    """Call ``fn`` with the keyword arguments it accepts (stage signatures differ in optional knobs)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kw = {k: v for k, v in kw.items() if k in params}
+    return fn(*args, **kw)
+
+
+@task(name="evaluate", cache_policy=NONE, task_run_name="evaluate {name} on {split}")
+def evaluate_task(run: str, name: str, split: str, eval_cfg=None) -> dict:
+    """Metrics of one model on one split (eval/<model>-<split>.json), as a table artifact."""
+    import eval as ev
+
+    r = RunDir(run)
+    weights = r.model_dir(name) / "model.safetensors"
+    cfg_dump = eval_cfg.model_dump(mode="json") if eval_cfg is not None else {}
+    key = settings_key(name, split, cfg_dump, _file_key(weights))
+    out = r.eval_dir / f"{name}-{split}.json"
+    if is_done(r, f"evaluate-{name}-{split}", key, [out]):
+        return cached(f"evaluate {name} {split}", r, read_json(out))
+    metrics = _call(ev.evaluate, r, name, split, cfg=eval_cfg, config=eval_cfg)
+    mark_done(r, f"evaluate-{name}-{split}", key)
+    publish_metrics(r, name, split, metrics)
+    return metrics
+
+
+SUMMARY = ("top1", "balanced_acc", "many", "medium", "few", "macro_f1", "weighted_f1", "mcc", "kappa", "ece")
+
+
+def publish_metrics(run: RunDir, name: str, split: str, metrics: dict) -> None:
+    row = {"model": name, "split": split}
+    for k in SUMMARY:
+        v = metrics.get(k)
+        if isinstance(v, dict):  # e.g. {"many": {"acc": ...}}
+            v = v.get("acc", v.get("top1"))
+        if isinstance(v, (int, float)) and v is not None:
+            row[k] = round(float(v), 4)
+    table(artifact_key(run, f"metrics-{name}-{split}"), [row], f"{name}: metrics on the {split} split")
+
+
+@task(name="compare", cache_policy=NONE, task_run_name="compare on {split}")
+def compare_task(run: str, names: list[str], baseline: str, split: str, upstream: str = "") -> str:
+    """Baseline vs rebalanced: eval/report.md (+ compare.json), published as a markdown artifact."""
+    import eval as ev
+
+    r = RunDir(run)
+    report = r.eval_dir / "report.md"
+    key = settings_key(names, baseline, split, upstream,
+                       [_file_key(r.eval_dir / f"{n}-{split}.json") for n in names])
+    if is_done(r, "compare", key, [report]):
+        return cached("compare", r, str(report))
+    _call(ev.compare, r, names, baseline=baseline, split=split)
+    mark_done(r, "compare", key)
+    publish_report(r)
+    return str(report)
+
+
+def publish_report(run: RunDir) -> None:
+    report = run.eval_dir / "report.md"
+    text = report.read_text() if report.exists() else "(no report written)"
+
+    def embed(m: re.Match) -> str:  # relative image links -> embedded images, readable in the UI
+        p = (report.parent / m.group(2))
+        return image_md(p, m.group(1)).strip() if p.exists() else m.group(0)
+
+    text = re.sub(r"!\[([^\]]*)\]\((?!data:|https?:)([^)]+)\)", embed, text)
+    markdown(artifact_key(run, "report"), text + f"\n\n_report file: `{report.resolve()}`_\n",
+             "baseline vs rebalanced: the comparison report")
