@@ -334,6 +334,7 @@ class RunState:
         import train
 
         results = []
+        image = np.array(image, dtype=np.uint8, copy=True)  # writable: torch warns on read-only (decoded) arrays
         with self._lock:  # one prediction at a time: models are shared and CPU threads are few
             for name in names:
                 model, meta = self.load(name)
