@@ -183,7 +183,7 @@ class FeatureTask:
 
 
 # ----------------------------------------------------------------------------- setup
-def _check_names(cfg: TrainConfig) -> None:
+def check_names(cfg: TrainConfig) -> None:
     if cfg.loss not in LOSSES:
         raise unknown_name("loss", cfg.loss, LOSSES)
     if cfg.sampler not in SAMPLERS:
@@ -300,7 +300,7 @@ def fit(run: RunDir, cfg: TrainConfig, name: str, progress=None) -> Path:
     one with other settings is refused unless ``cfg.overwrite``.
     """
     run = RunDir(run.root if isinstance(run, RunDir) else run)
-    _check_names(cfg)
+    check_names(cfg)
     if not name or "/" in name or name.startswith("."):
         raise TailforgeError(f"invalid model name '{name}'", "use a plain folder name like resnet32-ce-s0")
     final = run.model_dir(name)

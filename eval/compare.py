@@ -1,0 +1,135 @@
+"""``compare``: evaluated models side by side, mean +- std over seeds, deltas against a baseline.
+
+Models are grouped into methods by name with the seed suffix removed (``resnet32-ce-s0``,
+``resnet32-ce-s1`` -> ``resnet32-ce``); when several run folders are compared, the method label
+is prefixed with the run folder's name (``fmnist-lt/resnet32-ce`` vs ``fmnist-lt-sd/resnet32-ce``).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from data.atomic import read_json, write_json, write_text
+from data.errors import TailforgeError
+from data.run import RunDir
+
+from .config import CompareConfig
+
+SEED_SUFFIX = re.compile(r"[-_](s|seed)\d+$")
+
+
+def method_of(model_name: str) -> str:
+    return SEED_SUFFIX.sub("", model_name)
+
+
+def _collect(items, split: str) -> list[dict]:
+    """Eval JSONs from run folders (all models evaluated on ``split``), RUN:MODEL specs or JSON paths."""
+    found = []
+    for item in items:
+        item = str(item)
+        p = Path(item)
+        if p.is_file() and p.suffix == ".json":
+            found.append(read_json(p))
+        elif ":" in item and not p.exists():
+            r, model = item.rsplit(":", 1)
+            run = RunDir(r)
+            path = run.eval_dir / f"{model}-{split}.json"
+            if not path.exists():
+                from .evaluate import evaluate
+
+                found.append(evaluate(run, model, split))
+            else:
+                found.append(read_json(path))
+        elif p.is_dir():
+            jsons = sorted((p / "eval").glob(f"*-{split}.json"))
+            if not jsons:
+                raise TailforgeError(f"run {p} has no evaluations on {split}",
+                                     f"run `tailforge eval --run {p} --model-name M --split {split}` first")
+            found += [read_json(j) for j in jsons]
+        else:
+            raise TailforgeError(f"'{item}' is neither a run folder, RUN:MODEL nor an eval JSON", "check the path")
+    found = [d for d in found if d.get("split") == split and "top1" in d]
+    if not found:
+        raise TailforgeError(f"nothing evaluated on {split} to compare", "evaluate the models first")
+    return found
+
+
+def compare(items, names=None, *, baseline: str | None = None, split: str | None = None,
+            cfg: CompareConfig | None = None, out_dir=None) -> dict:
+    """Compare evaluations; writes ``compare.json`` and ``report.md`` into ``out_dir``
+    (default: the first run's ``eval/``) and returns the JSON dict (with ``markdown``).
+
+    ``items``: a run folder / ``RunDir`` or a list of run folders, ``RUN:MODEL`` specs and eval JSON
+    paths. With ``names``, ``items`` is one run and only those models are compared (evaluated first
+    when their JSON is missing).
+    """
+    cfg = cfg or CompareConfig()
+    upd = {k: v for k, v in (("baseline", baseline), ("split", split)) if v is not None}
+    cfg = cfg.model_copy(update=upd) if upd else cfg
+    if isinstance(items, (RunDir, str, Path)):
+        items = [items]
+    items = [str(i.root) if isinstance(i, RunDir) else str(i) for i in items]
+    if names:
+        if len(items) != 1:
+            raise TailforgeError("model names can only be given with one run folder", "pass RUN:MODEL specs instead")
+        items = [f"{items[0]}:{n}" for n in names]
+    evals = _collect(items, cfg.split)
+    runs = sorted({Path(e["run"]).name for e in evals})
+    methods: dict[str, list[dict]] = {}
+    for e in evals:
+        label = method_of(e["model"])
+        if len(runs) > 1:
+            label = f"{Path(e['run']).name}/{label}"
+        methods.setdefault(label, []).append(e)
+    baseline = _pick_baseline(cfg.baseline, list(methods))
+    rows = {}
+    for label, es in methods.items():
+        row = {"n_seeds": len(es), "models": [e["model"] for e in es]}
+        for m in cfg.metrics:
+            vals = [e.get(m) for e in es if e.get(m) is not None]
+            row[m] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                      "values": vals} if vals else None
+        rows[label] = row
+    for label, row in rows.items():
+        row["delta"] = {m: (row[m]["mean"] - rows[baseline][m]["mean"]) if row[m] and rows[baseline][m] else None
+                        for m in cfg.metrics}
+    result = {"split": cfg.split, "baseline": baseline, "metrics": cfg.metrics, "methods": rows}
+    result["markdown"] = to_markdown(result)
+    out = Path(out_dir) if out_dir else Path(evals[0]["run"]) / "eval"
+    write_json(out / "compare.json", result)
+    write_text(out / "report.md", result["markdown"])
+    result["written"] = [str(out / "compare.json"), str(out / "report.md")]
+    return result
+
+
+def _pick_baseline(name: str | None, labels: list[str]) -> str:
+    if name is None:
+        return labels[0]
+    if name in labels:
+        return name
+    hits = [lab for lab in labels if lab.endswith(name) or method_of(name) == lab]
+    if len(hits) == 1:
+        return hits[0]
+    raise TailforgeError(f"baseline '{name}' is not among the compared methods",
+                         "use one of: " + ", ".join(labels))
+
+
+def to_markdown(result: dict) -> str:
+    ms = result["metrics"]
+    head = f"## Comparison on the {result['split']} split (mean ± std over seeds)\n\n"
+    lines = ["| method | seeds | " + " | ".join(ms) + " |", "|---|---:|" + "---:|" * len(ms)]
+    for label, row in result["methods"].items():
+        cells = [f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}" if row[m] else "–" for m in ms]
+        lines.append(f"| {label} | {row['n_seeds']} | " + " | ".join(cells) + " |")
+    delta = [f"\n### Deltas against the baseline `{result['baseline']}` (difference of means)\n",
+             "| method | " + " | ".join(ms) + " |", "|---|" + "---:|" * len(ms)]
+    for label, row in result["methods"].items():
+        if label == result["baseline"]:
+            continue
+        cells = [f"{row['delta'][m]:+.4f}" if row["delta"][m] is not None else "–" for m in ms]
+        delta.append(f"| {label} | " + " | ".join(cells) + " |")
+    note = ("\n(ece: lower is better; many/medium/few: mean per-class accuracy of the group's classes; "
+            "every number comes from the split named above.)\n")
+    return head + "\n".join(lines) + "\n" + "\n".join(delta) + "\n" + note

@@ -1,0 +1,84 @@
+"""``tailforge train``: train one classifier on a run (real, or real + accepted synthetic samples)."""
+from __future__ import annotations
+
+import argparse
+
+from train.config import TrainConfig
+
+from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a classifier (long-tail losses, samplers, cRT, distillation)",
+        description="Train a classifier on the run's train split (plus accepted synthetic samples with "
+        "--synthetic filtered), select the epoch by balanced accuracy on the val split, and write "
+        "models/<name>/ (model.safetensors, config.json, log.jsonl, best.json). An interrupted training "
+        "resumes from its last finished epoch when the same command is run again.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_run_arg(p)
+    p.add_argument("--name", metavar="NAME", help="model folder name (default: <model>-<loss>-<sampler>-s<seed>)")
+    p.add_argument("--config", metavar="YAML", help="YAML file with a `train:` section (or top-level keys)")
+    add_model_args(p, TrainConfig, group="training")
+    p.set_defaults(func=run)
+
+
+def default_name(cfg: TrainConfig) -> str:
+    stem = f"{cfg.base}-crt-{cfg.loss}" if cfg.stage == "crt" else f"{cfg.model}-{cfg.loss}-{cfg.sampler}"
+    if cfg.synthetic != "none":
+        stem += f"-{cfg.synthetic}"
+    return f"{stem}-s{cfg.seed}"
+
+
+def run(args) -> int:
+    from data import RunDir
+    from train import fit
+    from train.trainer import check_names
+
+    cfg_file = load_yaml(args.config)
+    section = cfg_file.get("train", cfg_file if "train" not in cfg_file and cfg_file else {})
+    cfg = build(TrainConfig, section, given(args, TrainConfig), what="train config")
+    name = args.name or default_name(cfg)
+    check_names(cfg)  # before the progress bar opens
+    con = console()
+    with _bar(cfg) as progress:
+        path = fit(RunDir(args.run), cfg, name, progress=progress)
+    from data.atomic import read_json
+
+    best = read_json(path / "best.json")
+    con.print(f"wrote {path}: best epoch {best['epoch']}, val balanced accuracy {best['val_balanced_acc']:.4f} "
+              f"(val top-1 {best['val_top1']:.4f})")
+    return 0
+
+
+class _bar:
+    """A rich progress bar fed by fit's ``progress(done, total, info)``: loss, lr, val metrics per epoch."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          TextColumn("{task.fields[info]}"))
+        self.p.__enter__()
+        self.task = self.p.add_task("train", total=None, info="")
+        self.last = ""
+        return self.update
+
+    def update(self, done: int, total: int, info: dict) -> None:
+        if info.get("event") == "epoch":
+            self.last = (f"epoch {info['epoch']}/{self.cfg.epochs} val bal-acc {info['val_balanced_acc']:.3f} "
+                         f"{info['images_per_s']:.0f} img/s")
+            self.p.console.print(f"epoch {info['epoch']}: loss {info['train_loss']:.4f}, lr {info['lr']:.4g}, "
+                                 f"val balanced acc {info['val_balanced_acc']:.4f}, top-1 {info['val_top1']:.4f}, "
+                                 f"{info['images_per_s']:.0f} img/s")
+        text = f"ep {info.get('epoch')} loss {info.get('loss', info.get('train_loss', 0)):.4f} | {self.last}"
+        self.p.update(self.task, completed=done, total=total, info=text)
+
+    def __exit__(self, *exc):
+        self.p.__exit__(*exc)
+        return False
