@@ -57,7 +57,7 @@ def make_run(root: Path, epochs: int) -> Path:
     build_manifest(DataConfig(dataset="digits", imbalance=10, seed=0), run)
     measure_run(run)
     for name, loss in (("baseline", "ce"), ("balanced", "balanced_softmax")):
-        cfg = train.TrainConfig(model="tiny", width=8, loss=loss, epochs=epochs, batch_size=64, lr=0.05,
+        cfg = train.TrainConfig(model="tiny", width=16, loss=loss, epochs=epochs, batch_size=64, lr=0.05,
                                 hflip=False, device="cpu", seed=0)
         train.fit(run, cfg, name)
     return run.root
@@ -185,7 +185,8 @@ class CDP:
             if ev.get("method") == "Runtime.exceptionThrown":
                 out.append(json.dumps(ev["params"]["exceptionDetails"])[:300])
             elif ev.get("method") == "Log.entryAdded" and ev["params"]["entry"]["level"] == "error":
-                out.append(ev["params"]["entry"]["text"][:300])
+                entry = ev["params"]["entry"]
+                out.append(f"{entry['text'][:300]} ({entry.get('url', '')})")
             elif ev.get("method") == "Runtime.consoleAPICalled" and ev["params"]["type"] == "error":
                 out.append(str(ev["params"]["args"])[:300])
         return out
@@ -316,7 +317,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, help="existing run with trained models (default: build a digits run)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    ap.add_argument("--epochs", type=int, default=8, help="epochs of the two tiny models (default run only)")
+    ap.add_argument("--epochs", type=int, default=15, help="epochs of the two tiny models (default run only)")
     ap.add_argument("--n-timing", type=int, default=50)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ def run(args) -> int:
     models = app.state.run.model_names()
     con.print(f"classify page for run {args.run}: {len(models)} model(s) ({', '.join(models) or 'none yet'}), "
               f"{len(app.state.run.test)} test images")
+    warm(app.state.run, models, con)
     shown = f"[{host}]" if ":" in host else host
     con.print(f"open http://{shown}:{port}/  (API schema: /openapi.json; Ctrl-C stops)")
     if not is_loopback(cfg.host):
@@ -48,6 +49,17 @@ def run(args) -> int:
 
     uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=False)).run(sockets=[sock])
     return 0
+
+
+def warm(state, models: list[str], con) -> None:
+    """Load every checkpoint before the first request, so the first click does not wait for torch."""
+    from .serve import ServeError
+
+    for name in models:
+        try:
+            state.load(name)
+        except ServeError as exc:  # the page still serves the others; predicting with this one says why
+            con.print(f"[yellow]warning: {exc.problem}[/yellow]")
 
 
 def is_loopback(host: str) -> bool:
