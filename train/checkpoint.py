@@ -45,7 +45,12 @@ def load_model(model_dir, device: str | None = "cpu") -> tuple[Classifier, dict]
                              "train it first with `tailforge train`, or check the model name")
     meta = read_json(cfg_path)["meta"]
     model = build_from_meta(meta)
-    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    try:
+        model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise TailforgeError(f"checkpoint {model_dir} does not match its config.json ({first})",
+                             "the folder was edited or mixed up; retrain the model") from None
     dev = resolve_device(device)
     return model.to(dev).eval(), meta
 
