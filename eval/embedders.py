@@ -290,11 +290,22 @@ def make_embedder(run: RunDir, cfg) -> Embedder:
     return EMBEDDERS[cfg.embedder](run, cfg)
 
 
-def uri_hash(uris) -> str:
+def uri_hash(uris, run: RunDir | None = None) -> str:
+    """Hash of a uri list and, with ``run``, of the size and mtime of every file they name.
+
+    A regenerated image or feature shard under the same name therefore gets a new hash.
+    """
     h = hashlib.sha1()
+    files = set()
     for u in uris:
         h.update(str(u).encode())
         h.update(b"\0")
+        files.add(str(u).partition("#")[0])
+    if run is not None:
+        for f in sorted(files):
+            p, _ = run.resolve(f)
+            st = p.stat() if p.exists() else None
+            h.update(f"{f}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}".encode())
     return h.hexdigest()[:16]
 
 
@@ -306,7 +317,7 @@ def embed_cached(embedder: Embedder, uris: list[str], run: RunDir, load: Callabl
     The cache file is named by the embedder's key and a hash of the uri list, so new weights or
     new candidates never reuse stale vectors.
     """
-    path = run.root / "filter" / "cache" / f"{embedder.key}-{uri_hash(uris)}.npy"
+    path = run.root / "filter" / "cache" / f"{embedder.key}-{uri_hash(uris, run)}.npy"
     if use_cache and path.is_file():
         arr = np.load(path)
         if len(arr) == len(uris):

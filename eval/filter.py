@@ -152,7 +152,7 @@ def _space_groups(cands: pd.DataFrame, cfg: FilterConfig) -> dict[tuple[str, str
 
 def filter_candidates(run: RunDir | str | Path, cfg: FilterConfig | None = None, progress: Progress = None) -> pd.DataFrame:
     """Score all candidates, decide accept/reject with a reason, write ``filtered.parquet`` + report."""
-    from .embedders import ClassifierEmbedder, embed_cached, make_embedder
+    from .embedders import ClassifierEmbedder, embed_cached, make_embedder, uri_hash
     from .filter_index import FaissSearch
     from .filter_report import write_report
     from .filter_score import decide, duplicate_pairs, score_space
@@ -166,6 +166,7 @@ def filter_candidates(run: RunDir | str | Path, cfg: FilterConfig | None = None,
     fingerprint = {"config": cfg.model_dump(mode="json"), "candidates": _file_digest(run.candidates),
                    "real": _file_digest(run.real), "plan": _file_digest(run.plan)}
     groups = _space_groups(cands, cfg)
+    fingerprint["files"] = uri_hash(cands["uri"].tolist(), run)
     embedders = {key: (make_embedder(run, cfg) if key[0] == "image" else
                        ClassifierEmbedder(run, key[1], cfg.batch_size, cfg.device)) for key in groups}
     fingerprint["embedders"] = {f"{k[0]}:{k[1]}": e.key for k, e in embedders.items()}
