@@ -66,6 +66,8 @@ class FilterConfig(BaseModel):
     weight_novelty: float = Field(0.5, description="ranking score weight of novelty (1 - max similarity to real)")
     ivf_threshold: int = Field(200_000, ge=1, description="real samples past which an IVF index replaces exact search")
     nprobe: int = Field(16, ge=1, description="IVF lists probed per query")
+    threads: Union[int, None] = Field(None, ge=1, description="faiss CPU threads (default: all cores; 1 is faster "
+                                      "on a busy shared machine)")
     grid_samples: int = Field(8, ge=1, description="accepted and rejected samples shown per tail class grid")
     cache: bool = Field(True, description="cache embeddings under <run>/filter/cache")
     seed: int = Field(0, description="seed of calibration sampling")
@@ -181,7 +183,8 @@ def filter_candidates(run: RunDir | str | Path, cfg: FilterConfig | None = None,
     def images(uris):
         return load_images(uris, run.root, channels, size)
 
-    num_classes, search = len(info["class_names"]), FaissSearch(cfg.ivf_threshold, cfg.nprobe, seed=cfg.seed)
+    num_classes, search = len(info["class_names"]), FaissSearch(cfg.ivf_threshold, cfg.nprobe, seed=cfg.seed,
+                                                                  threads=cfg.threads)
     frames, calibrations, vectors = [], {}, {}
     steps = 2 * len(groups) + 1
     for g, (key, rows) in enumerate(groups.items()):

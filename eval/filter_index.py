@@ -38,6 +38,13 @@ class FaissSearch:
     nprobe: int = 16
     use_gpu: bool = True
     seed: int = 0
+    threads: int | None = None  # faiss OpenMP threads (None: faiss's default, all cores)
+
+    def __post_init__(self):
+        if self.threads:
+            import faiss
+
+            faiss.omp_set_num_threads(self.threads)
 
     @property
     def name(self) -> str:
