@@ -1,0 +1,69 @@
+"""``tailforge generate``: run the plan's shards with one generator (writes candidates.parquet)."""
+from __future__ import annotations
+
+import argparse
+
+from gen.config import DDPMOptions, FeatDictOptions, GenerateConfig, SDOptions
+
+from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml
+
+OPTION_MODELS = (("ddpm", DDPMOptions), ("featdict", FeatDictOptions), ("sd", SDOptions))
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="generate the planned synthetic samples (ddpm, featdict or sd)",
+        description="Run the shards of plan.json with one generator; each shard (one class, an index range) is "
+        "written atomically under synthetic/<generator>/ and skipped when re-run; candidates.parquet is then "
+        "rewritten as the union of all finished shards.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_arg(p)
+    p.add_argument("--config", metavar="YAML", help="YAML file with a `generate:` section (nested ddpm:/featdict:/sd:)")
+    p.add_argument("--shard", metavar="I/N", help="run only every N-th shard starting at I (parallel workers)")
+    p.add_argument("--grids", action=argparse.BooleanOptionalAction, default=True,
+                   help="write a sample-grid PNG per class (image generators)")
+    add_model_args(p, GenerateConfig, group="generate")
+    for name, model in OPTION_MODELS:
+        add_model_args(p, model, group=f"{name} generator")
+    p.set_defaults(func=run)
+
+
+def make_config(args) -> GenerateConfig:
+    section = dict(load_yaml(args.config).get("generate", {}))
+    for name, model in OPTION_MODELS:
+        opts = given(args, model)
+        if opts:
+            section[name] = {**section.get(name, {}), **opts}
+    return build(GenerateConfig, section, given(args, GenerateConfig), what="generate config")
+
+
+def run(args) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from data import RunDir
+    from gen import generate, write_sample_grids
+
+    cfg = make_config(args)
+    r = RunDir(args.run)
+    con = console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=con) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(done: int, total: int, info: dict) -> None:
+            stage = info.get("stage", "generate")
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, info="")
+            extra = " ".join(f"{k}={v}" for k, v in info.items() if k in ("loss", "class", "shard"))
+            bar.update(tasks[stage], completed=done, total=total, info=extra)
+
+        df = generate(r, cfg, progress=progress, shard=args.shard)
+    mine = df[df["generator"] == cfg.generator]
+    counts = mine.groupby("class_name", sort=False).size()
+    con.print(f"{cfg.generator}: {len(mine):,} candidates "
+              + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    con.print(f"wrote {r.candidates} ({len(df):,} rows, all generators)")
+    if args.grids and cfg.generator != "featdict" and len(mine):
+        paths = write_sample_grids(r, cfg.generator)
+        con.print(f"sample grids: {paths[0].parent}/ ({len(paths)} classes)")
+    return 0

@@ -1,0 +1,44 @@
+"""``tailforge plan``: per-class quotas of synthetic samples (writes plan.json)."""
+from __future__ import annotations
+
+import argparse
+
+from gen.config import PlanConfig
+
+from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="decide how many synthetic samples each class gets (plan.json)",
+        description="Read counts.json and write plan.json: per class the real train count, the target, the "
+        "need and the number to generate (need x over-generation, capped by the budget).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_arg(p)
+    p.add_argument("--config", metavar="YAML", help="YAML file with a `plan:` section")
+    add_model_args(p, PlanConfig, group="plan")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from data import RunDir
+    from gen import plan_run
+
+    cfg = build(PlanConfig, load_yaml(args.config).get("plan", {}), given(args, PlanConfig), what="plan config")
+    r = RunDir(args.run)
+    print_plan(plan_run(r, cfg), r)
+    return 0
+
+
+def print_plan(plan, run) -> None:
+    from rich.table import Table
+
+    con = console()
+    t = Table(title=f"plan: target {plan.target}, over-generation x{plan.overgen:g}"
+              + (f", budget {plan.budget:,}" if plan.budget else ""))
+    for col in ("class", "name", "have", "target", "need", "generate"):
+        t.add_column(col, justify="left" if col == "name" else "right")
+    for q in sorted(plan.classes, key=lambda q: q.have):
+        t.add_row(str(q.label), q.class_name, str(q.have), str(q.target), str(q.need), str(q.generate))
+    con.print(t)
+    con.print(f"total to generate: {plan.total:,}; wrote {run.plan}")

@@ -1,0 +1,28 @@
+"""Generate: plan how much synthetic data each class gets, and make it three ways.
+
+* ``plan(stats, PlanConfig) -> Plan`` / ``plan_run(run, cfg)`` (writes ``plan.json``)
+* ``generate(run, GenerateConfig, progress=None, shard=None) -> DataFrame`` runs the plan's shards with
+  ``GENERATORS[cfg.generator]`` and rewrites ``candidates.parquet``
+* generators: ``ddpm`` (in-domain class-conditional diffusion, offline default), ``featdict``
+  (feature-dictionary oversampling in a classifier's feature space), ``sd`` (Stable Diffusion)
+* ``FeatureDictOversampler``: the featdict algorithm on plain arrays (imbalanced-learn style)
+* ``write_sample_grids(run, generator)``: one PNG per class, real exemplars above synthetic samples
+"""
+from __future__ import annotations
+
+from .config import DDPMOptions, FeatDictOptions, GenerateConfig, PlanConfig, SDOptions
+from .ddpm import DDPMGenerator
+from .featdict import FeatDictGenerator, FeatureDictOversampler
+from .grid import write_sample_grids
+from .planner import ClassQuota, Plan, plan, plan_run
+from .sd import SDGenerator
+from .shards import Shard, collect_candidates, generate, make_shards, parse_shard_spec, sample_seed
+
+GENERATORS = {"ddpm": DDPMGenerator, "featdict": FeatDictGenerator, "sd": SDGenerator}
+
+__all__ = [
+    "DDPMOptions", "FeatDictOptions", "GenerateConfig", "PlanConfig", "SDOptions", "ClassQuota", "Plan", "plan",
+    "plan_run", "generate", "GENERATORS", "Shard", "make_shards", "parse_shard_spec", "sample_seed",
+    "collect_candidates", "FeatureDictOversampler", "write_sample_grids", "DDPMGenerator", "FeatDictGenerator",
+    "SDGenerator",
+]

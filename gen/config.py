@@ -1,0 +1,116 @@
+"""Configuration of the plan and generate stages (pydantic, the single source of truth).
+
+Per-generator options are nested models whose field names carry the generator's prefix
+(``ddpm_*``, ``featdict_*``, ``sd_*``) so that the CLI options generated from them
+(``--sd-model``, ``--ddpm-preset``...) never collide.
+"""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class PlanConfig(BaseModel):
+    """How many synthetic samples each class gets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: Literal["balance", "fixed", "sqrt"] = Field(
+        "balance", description="per-class target: balance (every class up to the largest), fixed (`count` per "
+        "class), sqrt (sqrt(n_c * n_max): the imbalance factor becomes its square root)")
+    count: Union[int, None] = Field(None, ge=1, description="target 'fixed': train images per class to reach")
+    overgen: float = Field(1.5, ge=1.0, description="over-generation factor: generate ceil(need * overgen) so "
+                           "the filter can reject the bad ones")
+    budget: Union[int, None] = Field(None, description="cap on the total number of samples to generate; "
+                                     "quotas shrink in proportion to need")
+    classes: Union[list[Union[str, int]], None] = Field(
+        None, description="which classes to top up: class names, ids, or groups (few, medium, many); "
+        "default: every class below its target")
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_positive(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"budget must be at least 1 sample, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _count_for_fixed(self) -> "PlanConfig":
+        if self.target == "fixed" and self.count is None:
+            raise ValueError("target 'fixed' needs `count` (train images per class to reach)")
+        return self
+
+
+class DDPMOptions(BaseModel):
+    """In-domain class-conditional diffusion (diffusers UNet2DModel, classifier-free guidance)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ddpm_preset: Literal["tiny", "fast", "full"] = Field(
+        "fast", description="model/training size: tiny (tests, seconds on CPU), fast (digits default, ~30-60 s "
+        "on 2 CPU cores), full (GPU: a real UNet trained for 40k steps)")
+    ddpm_train_steps: Union[int, None] = Field(None, ge=1, description="optimizer steps (default: the preset's)")
+    ddpm_train_batch: Union[int, None] = Field(None, ge=1, description="training batch size (default: the preset's)")
+    ddpm_lr: Union[float, None] = Field(None, gt=0, description="AdamW learning rate (default: the preset's)")
+    ddpm_sampler: Literal["ddim", "dpm"] = Field("ddim", description="sampler: ddim (eta 0) or dpm (DPM-Solver++)")
+    ddpm_sample_steps: Union[int, None] = Field(None, ge=1, description="sampling steps (default: the preset's)")
+    ddpm_guidance: float = Field(2.0, ge=0, description="classifier-free guidance scale w (eps_u + w (eps_c - eps_u))")
+    ddpm_class_dropout: float = Field(0.1, ge=0, lt=1, description="training: probability of the null class (CFG)")
+    ddpm_ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA decay of the weights used for sampling")
+    ddpm_checkpoint_every: int = Field(500, ge=1, description="save a resumable checkpoint every N steps")
+
+
+class FeatDictOptions(BaseModel):
+    """Feature-dictionary oversampling (after Park et al. 2022) in a trained classifier's feature space."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    featdict_model: str = Field("baseline", description="trained classifier (models/<name>) whose backbone "
+                                "gives the features")
+    featdict_atoms: int = Field(32, ge=1, description="dictionary atoms per class (k-means centroids)")
+    featdict_k: int = Field(5, ge=1, description="nearest same-class atoms to interpolate towards")
+    featdict_variation: float = Field(0.5, ge=0, description="scale of the transferred head-class variation")
+
+
+class SDOptions(BaseModel):
+    """Stable Diffusion text-to-image / image-to-image (diffusers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sd_model: Union[str, None] = Field(None, description="local diffusers folder (or hub id when online) of a "
+                                       "Stable Diffusion pipeline")
+    sd_mode: Literal["txt2img", "img2img"] = Field("txt2img", description="text-to-image, or image-to-image "
+                                                   "from real exemplars of the class")
+    sd_prompt: Union[str, None] = Field(None, description="prompt template; {class} is the class name (default: "
+                                        "the dataset's template, else 'a photo of a {class}')")
+    sd_negative_prompt: str = Field("blurry, low quality, text, watermark, cropped",
+                                    description="negative prompt")
+    sd_strength: float = Field(0.6, gt=0, le=1, description="img2img: how far from the exemplar (0..1)")
+    sd_guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
+    sd_steps: int = Field(30, ge=1, description="denoising steps")
+    sd_scheduler: Literal["default", "ddim", "dpm", "euler", "pndm"] = Field(
+        "dpm", description="scheduler (built from the model's scheduler config)")
+    sd_size: Union[int, None] = Field(None, ge=8, description="generation size in pixels (default: the model's)")
+    sd_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="weights dtype: auto = bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU")
+
+
+class GenerateConfig(BaseModel):
+    """Which generator runs the plan, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generator: str = Field("ddpm", description="ddpm (offline default), featdict, sd")
+    shard_size: int = Field(64, ge=1, description="samples per shard (a shard is one class and an index range)")
+    seed: int = Field(0, description="run seed; each sample's seed is f(seed, class, index)")
+    batch_size: int = Field(64, ge=1, description="samples generated per forward pass")
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    ddpm: DDPMOptions = Field(default_factory=DDPMOptions, description="options of the ddpm generator")
+    featdict: FeatDictOptions = Field(default_factory=FeatDictOptions, description="options of featdict")
+    sd: SDOptions = Field(default_factory=SDOptions, description="options of the sd generator")
+
+    @field_validator("generator")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.strip().lower()
