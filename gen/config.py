@@ -28,6 +28,11 @@ class PlanConfig(BaseModel):
         None, description="which classes to top up: class names, ids, or groups (few, medium, many); "
         "default: every class below its target")
 
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _one_class(cls, v):
+        return [v] if isinstance(v, (str, int)) else v
+
     @field_validator("budget")
     @classmethod
     def _budget_positive(cls, v):

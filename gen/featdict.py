@@ -130,13 +130,13 @@ class FeatureDictOversampler:
 
 def train_features(run, model_name: str, progress: Progress | None = None):
     """Backbone features (float32 N x D) and labels of the run's real TRAIN images."""
-    import train  # the train package (load_model, embed)
-
     model_dir = run.model_dir(model_name)
     if not (model_dir / "model.safetensors").exists():
         raise TailforgeError(f"featdict needs a trained classifier, and {model_dir} has none",
                              f"run `tailforge train --run {run.root} --name {model_name}` first, "
                              "or pass --featdict-model NAME")
+    import train  # the train package (load_model, embed)
+
     model, meta = train.load_model(model_dir)
     info = run.dataset_info()
     df = read_manifest(run.require(run.real, "measure"))
