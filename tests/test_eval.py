@@ -1,0 +1,83 @@
+"""eval.evaluate / eval.compare and the eval, compare, train CLI on a tiny digits model."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from data import RunDir, TailforgeError, load_images, read_manifest
+from eval import compare, evaluate
+from eval.metrics import compute
+from flows.cli import main
+
+FAST = dict(model="tiny", width=8, epochs=2, batch_size=64, lr=0.05, hflip=False)
+
+
+@pytest.fixture(scope="module")
+def run3(digits_run, tmp_path_factory):
+    """Digits run with three trained models: ce (seeds 0, 1) and balanced softmax (seed 0)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads are far slower on the shared 2-core machine
+    root = tmp_path_factory.mktemp("eval") / "digits"
+    shutil.copytree(digits_run.root, root)
+    run = RunDir(root)
+    for name, over in (("ce-s0", {}), ("ce-s1", {"seed": 1}), ("bs-s0", {"loss": "balanced_softmax"})):
+        train.fit(run, train.TrainConfig(**{**FAST, **over}), name)
+    yield run
+    torch.set_num_threads(before)
+
+
+def test_evaluate_writes_metrics_and_plots(run3):
+    res = evaluate(run3, "ce-s0", "test")
+    out = run3.eval_dir / "ce-s0-test.json"
+    assert json.loads(out.read_text())["top1"] == res["top1"]
+    assert res["split"] == "test" and res["selected_on"]["split"] == "val"
+    for p in res["plots"]:
+        assert (run3.eval_dir / p).stat().st_size > 1000
+    # the numbers are those of the model's own predictions on the test rows
+    df = read_manifest(run3.real)
+    te = df[df["split"] == "test"]
+    model, meta = train.load_model(run3.model_dir("ce-s0"))
+    probs = train.predict_proba(model, meta, load_images(te["uri"], run3.root, 1, (8, 8)))
+    groups = json.loads(run3.counts.read_text())["groups"]
+    ref = compute(te["label"].to_numpy(), probs, groups)
+    for k in ("top1", "balanced_acc", "many", "medium", "few", "macro_f1", "ece", "mcc", "kappa"):
+        assert res[k] == pytest.approx(ref[k]), k
+    assert res["n"] == len(te) and len(res["per_class"]) == 10
+
+
+def test_compare_mean_std_and_deltas(run3):
+    evals = {m: evaluate(run3, m, "test", ) for m in ("ce-s0", "ce-s1", "bs-s0")}
+    res = compare(run3, baseline="ce")
+    ce, bs = res["methods"]["ce"], res["methods"]["bs"]
+    vals = [evals["ce-s0"]["balanced_acc"], evals["ce-s1"]["balanced_acc"]]
+    assert ce["n_seeds"] == 2 and ce["balanced_acc"]["mean"] == pytest.approx(np.mean(vals))
+    assert ce["balanced_acc"]["std"] == pytest.approx(np.std(vals, ddof=1))
+    assert bs["delta"]["few"] == pytest.approx(evals["bs-s0"]["few"] - np.mean([evals[m]["few"]
+                                                                                 for m in ("ce-s0", "ce-s1")]))
+    md = (run3.eval_dir / "report.md").read_text()
+    assert "| ce | 2 |" in md and "baseline `ce`" in md
+    assert json.loads((run3.eval_dir / "compare.json").read_text())["baseline"] == "ce"
+    with pytest.raises(TailforgeError, match="baseline 'nope'"):
+        compare(run3, baseline="nope")
+
+
+def test_cli_eval_compare_train(run3, capsys, tmp_path):
+    assert main(["eval", "--run", str(run3.root), "--model-name", "bs-s0", "--split", "val", "--no-plots"]) == 0
+    res = json.loads((run3.eval_dir / "bs-s0-val.json").read_text())
+    assert res["split"] == "val" and res["plots"] == []
+    assert main(["compare", str(run3.root), "--split", "val", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").exists()
+    assert main(["eval", "--run", str(run3.root), "--model-name", "missing"]) == 2
+    assert main(["train", "--run", str(run3.root), "--loss", "focl"]) == 2
+    err = capsys.readouterr().err
+    assert "model 'missing' is not trained" in err and "did you mean 'focal'" in err
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("train:\n  model: tiny\n  width: 8\n  epochs: 1\n  batch_size: 64\n  hflip: false\n")
+    assert main(["train", "--run", str(run3.root), "--config", str(cfg), "--name", "yaml-s0", "--lr", "0.02"]) == 0
+    saved = json.loads((run3.model_dir("yaml-s0") / "config.json").read_text())["train"]
+    assert saved["epochs"] == 1 and saved["lr"] == 0.02 and saved["width"] == 8
