@@ -42,8 +42,7 @@ GenerateConfig = _stage_model("gen.config", "GenerateConfig")
 FilterConfig = _stage_model("eval.filter", "FilterConfig")
 TrainConfig = _stage_model("train.config", "TrainConfig")
 EvalConfig = _stage_model("eval.config", "EvalConfig")
-if EvalConfig is _Pending:
-    EvalConfig = _stage_model("eval", "EvalConfig")
+CompareConfig = _stage_model("eval.config", "CompareConfig")
 
 
 class RunnerConfig(BaseModel):
@@ -75,17 +74,22 @@ class RunConfig(BaseModel):
     filter: FilterConfig = Field(default_factory=FilterConfig, description="embedding filter of the candidates")
     train: TrainConfig = Field(default_factory=TrainConfig, description="classifier training (baseline and "
                                "rebalanced use the same settings, seed and budget; only the data differs)")
-    evaluate: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+    evaluate: EvalConfig = Field(default_factory=EvalConfig, description="evaluation of both models (its `split` "
+                                 "is the one reported; model selection always uses val)")
+    compare: CompareConfig = Field(default_factory=CompareConfig, description="the comparison report (its split "
+                                   "and baseline follow `evaluate.split` and `baseline`)")
     baseline: str = Field("baseline", description="model name of the real-only classifier")
     rebalanced: str = Field("rebalanced", description="model name of the classifier trained on real + "
                             "accepted synthetic data")
-    eval_split: Literal["val", "test"] = Field("test", description="split reported by evaluate/compare (model "
-                                               "selection always uses val)")
     runner: RunnerConfig = Field(default_factory=RunnerConfig, description="task runner")
 
     @property
     def run_dir(self) -> RunDir:
         return RunDir(self.run)
+
+    @property
+    def eval_split(self) -> str:
+        return getattr(self.evaluate, "split", "test")
 
     def rebalanced_train(self) -> BaseModel:
         """The rebalanced model's TrainConfig: the same as the baseline's but with accepted synthetic data."""

@@ -21,7 +21,7 @@ from data import DataConfig, MeasureConfig, RunDir
 from . import prefect_env
 from .config import (FilterConfig, GenerateConfig, PlanConfig, RunConfig, RunnerConfig, TrainConfig,
                      check_run_folder, write_config)
-from .tasks import (ProgressArtifact, artifact_key, collect_task, compare_task, evaluate_task, filter_task,
+from .tasks import (ProgressArtifact, artifact_key, collect_task, compare_task, evaluate_task, filter_task, forget_generators,
                     generate_shard_task, measure_task, plan_task, prepare_generator_task, train_task)
 
 
@@ -53,13 +53,25 @@ def _gpus() -> int:
 
 # --------------------------------------------------------------------------- stage steps (called inside flows)
 
+def call(task, *args, **kwargs):
+    """Run a task in the flow and return its value, also when it finished as ``Cached`` (a task that
+    returns a State hands the State, not its data, to a direct caller)."""
+    return task(*args, return_state=True, **kwargs).result()
+
+
 def _generate_steps(run: str, gen_cfg, rc: RunnerConfig) -> int:
     """Prepare the generator, fan the shards out through the task runner, collect candidates."""
     import gen
     from gen.planner import Plan
+    from prefect.context import FlowRunContext
 
+    ctx = FlowRunContext.get()
+    if rc.runner == "dask" and ctx is not None and type(ctx.task_runner).__name__ != "DaskTaskRunner":
+        # started with another runner (e.g. a deployment): fan out in a subflow that runs on Dask
+        return generate_flow.with_options(task_runner=make_runner(rc))(run, gen_cfg, rc)
     r = RunDir(run)
-    prepare_generator_task(run, gen_cfg)
+    forget_generators(r)
+    call(prepare_generator_task, run, gen_cfg)
     shards = gen.make_shards(Plan.load(r), gen_cfg.generator, gen_cfg.shard_size)
     prog = ProgressArtifact(artifact_key(r, "generation"), f"generating {sum(s.size for s in shards)} "
                             f"{gen_cfg.generator} samples in {len(shards)} shards", every=0.5)
@@ -74,7 +86,7 @@ def _generate_steps(run: str, gen_cfg, rc: RunnerConfig) -> int:
     wait(futures)
     for fut in futures:
         fut.result()  # raise the first failure (after retries): the flow fails, finished shards stay
-    return collect_task(run, gen_cfg)
+    return call(collect_task, run, gen_cfg)
 
 
 def _rebalance_steps(cfg: RunConfig) -> dict:
@@ -83,16 +95,16 @@ def _rebalance_steps(cfg: RunConfig) -> dict:
     write_config(cfg)
     logger = get_run_logger()
     logger.info("run folder %s (config.yaml written)", Path(run).resolve())
-    measure_task(run, cfg.data, cfg.measure)
-    plan = plan_task(run, cfg.plan)
+    call(measure_task, run, cfg.data, cfg.measure)
+    plan = call(plan_task, run, cfg.plan)
+    # the real-only classifier first: the filter's default embedder and featdict's feature space
+    call(train_task, run, cfg.baseline_train(), cfg.baseline)
     n = _generate_steps(run, cfg.generate, cfg.runner) if plan["total"] > 0 else 0
     logger.info("%d candidates", n)
-    # the filter's default embedder is the real-only classifier: the baseline trains first
-    train_task(run, cfg.baseline_train(), cfg.baseline)
-    summary = filter_task(run, cfg.filter, upstream=cfg.baseline)
+    summary = call(filter_task, run, cfg.filter, upstream=cfg.baseline)
     logger.info("filter: %s", summary)
-    train_task(run, cfg.rebalanced_train(), cfg.rebalanced)
-    metrics = evaluate_task(run, cfg.rebalanced, cfg.eval_split, cfg.evaluate)
+    call(train_task, run, cfg.rebalanced_train(), cfg.rebalanced)
+    metrics = call(evaluate_task, run, cfg.rebalanced, cfg.eval_split, cfg.evaluate)
     return {"run": str(Path(run).resolve()), "candidates": n, "filter": summary, "metrics": {cfg.rebalanced: metrics}}
 
 
@@ -112,8 +124,8 @@ def rebalance(config: RunConfig = RunConfig()) -> dict:
 def benchmark(config: RunConfig = RunConfig()) -> dict:
     out = _rebalance_steps(config)
     run, split = config.run, config.eval_split
-    out["metrics"][config.baseline] = evaluate_task(run, config.baseline, split, config.evaluate)
-    report = compare_task(run, [config.baseline, config.rebalanced], config.baseline, split)
+    out["metrics"][config.baseline] = call(evaluate_task, run, config.baseline, split, config.evaluate)
+    report = call(compare_task, run, [config.baseline, config.rebalanced], config.baseline, split, config.compare)
     out["report"] = str(Path(report).resolve())
     get_run_logger().info("report: %s", out["report"])
     return out
@@ -121,12 +133,12 @@ def benchmark(config: RunConfig = RunConfig()) -> dict:
 
 @flow(name="measure", description="Build the real manifest and measure class frequencies.", **FLOW_OPTS)
 def measure_flow(run: str, data: DataConfig = DataConfig(), measure: MeasureConfig = MeasureConfig()) -> dict:
-    return measure_task(run, data, measure)
+    return call(measure_task, run, data, measure)
 
 
 @flow(name="plan", description="Per-class quotas of synthetic samples.", **FLOW_OPTS)
 def plan_flow(run: str, plan: PlanConfig = PlanConfig()) -> dict:
-    return plan_task(run, plan)
+    return call(plan_task, run, plan)
 
 
 @flow(name="generate", description="Generate the plan's shards (fanned out through the task runner).", **FLOW_OPTS)
@@ -137,20 +149,20 @@ def generate_flow(run: str, generate: GenerateConfig = GenerateConfig(),
 
 @flow(name="filter", description="Score and accept candidates by embedding similarity.", **FLOW_OPTS)
 def filter_flow(run: str, filter: FilterConfig = FilterConfig()) -> dict:
-    return filter_task(run, filter)
+    return call(filter_task, run, filter)
 
 
 @flow(name="train", description="Train one classifier on the run's manifest.", **FLOW_OPTS)
 def train_flow(run: str, name: str = "rebalanced", train: TrainConfig = TrainConfig()) -> str:
-    return train_task(run, train, name)
+    return call(train_task, run, train, name)
 
 
 @flow(name="evaluate", description="Evaluate models on a split and compare them with the baseline.", **FLOW_OPTS)
 def evaluate_flow(run: str, models: list[str] | None = None, baseline: str = "baseline", split: str = "test") -> dict:
     models = models or RunDir(run).models()
-    out = {m: evaluate_task(run, m, split) for m in models}
+    out = {m: call(evaluate_task, run, m, split) for m in models}
     if baseline in models and len(models) > 1:
-        out["report"] = compare_task(run, models, baseline, split)
+        out["report"] = call(compare_task, run, models, baseline, split)
     return out
 
 

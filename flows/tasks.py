@@ -210,6 +210,14 @@ def generator_for(run: RunDir, gen_cfg, progress=None):
         return _GENERATORS[k]
 
 
+def forget_generators(run: RunDir) -> None:
+    """Drop this process's prepared generators of ``run`` (a rebuilt run folder must not reuse them)."""
+    root = str(run.root.resolve())
+    with _GEN_LOCK:
+        for k in [k for k in _GENERATORS if k[0] == root]:
+            del _GENERATORS[k]
+
+
 def _gen_key(run: RunDir, gen_cfg) -> str:
     d = gen_cfg.model_dump(mode="json")
     d.pop("device", None)
@@ -387,16 +395,6 @@ def publish_training(run: RunDir, name: str) -> None:
               f"{name}: the checkpoint selected on the val split")
 
 
-def _call(fn, *args, **kw):
-    """Call ``fn`` with the keyword arguments it accepts (stage signatures differ in optional knobs)."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kw = {k: v for k, v in kw.items() if k in params}
-    return fn(*args, **kw)
-
-
 @task(name="evaluate", cache_policy=NONE, task_run_name="evaluate {name} on {split}")
 def evaluate_task(run: str, name: str, split: str, eval_cfg=None) -> dict:
     """Metrics of one model on one split (eval/<model>-<split>.json), as a table artifact."""
@@ -409,7 +407,7 @@ def evaluate_task(run: str, name: str, split: str, eval_cfg=None) -> dict:
     out = r.eval_dir / f"{name}-{split}.json"
     if is_done(r, f"evaluate-{name}-{split}", key, [out]):
         return cached(f"evaluate {name} {split}", r, read_json(out))
-    metrics = _call(ev.evaluate, r, name, split, cfg=eval_cfg, config=eval_cfg)
+    metrics = ev.evaluate(r, name, split, cfg=eval_cfg)
     mark_done(r, f"evaluate-{name}-{split}", key)
     publish_metrics(r, name, split, metrics)
     return metrics
@@ -430,17 +428,19 @@ def publish_metrics(run: RunDir, name: str, split: str, metrics: dict) -> None:
 
 
 @task(name="compare", cache_policy=NONE, task_run_name="compare on {split}")
-def compare_task(run: str, names: list[str], baseline: str, split: str, upstream: str = "") -> str:
+def compare_task(run: str, names: list[str], baseline: str, split: str, compare_cfg=None) -> str:
     """Baseline vs rebalanced: eval/report.md (+ compare.json), published as a markdown artifact."""
     import eval as ev
+    from eval.config import CompareConfig
 
     r = RunDir(run)
+    cfg = (compare_cfg or CompareConfig()).model_copy(update={"split": split, "baseline": baseline})
     report = r.eval_dir / "report.md"
-    key = settings_key(names, baseline, split, upstream,
+    key = settings_key(names, cfg.model_dump(mode="json"),
                        [_file_key(r.eval_dir / f"{n}-{split}.json") for n in names])
     if is_done(r, "compare", key, [report]):
         return cached("compare", r, str(report))
-    _call(ev.compare, r, names, baseline=baseline, split=split)
+    ev.compare(r, list(names), cfg=cfg, out_dir=r.eval_dir)
     mark_done(r, "compare", key)
     publish_report(r)
     return str(report)

@@ -1,0 +1,241 @@
+"""Flows: the benchmark end to end on tiny digits, caching, resume after an interrupted generation,
+and clear errors for bad configs (before any work starts).
+
+Prefect runs against a temporary database (``prefect_test_harness``) with a temporary PREFECT_HOME.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="tailforge-test-prefect-")  # before Prefect loads
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+import hashlib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from data import TailforgeError  # noqa: E402
+from flows.cli import main  # noqa: E402
+from flows.config import check_run_folder, load_config, parse_set, write_config  # noqa: E402
+
+# tiny models everywhere: the whole benchmark takes seconds of compute
+TINY = {
+    "data": {"dataset": "digits", "imbalance": 10, "seed": 0},
+    "plan": {"target": "balance", "overgen": 1.2, "budget": 40},
+    "generate": {"generator": "ddpm", "shard_size": 8, "ddpm": {"ddpm_preset": "tiny", "ddpm_train_steps": 10,
+                                                                "ddpm_sample_steps": 2}},
+    "train": {"model": "tiny", "width": 8, "epochs": 2, "batch_size": 128, "lr": 0.05, "hflip": False},
+    "evaluate": {"plots": False},
+}
+
+
+def tiny_config(run: Path, **sections):
+    over = yaml.safe_load(yaml.safe_dump(TINY))
+    for k, v in sections.items():
+        over.setdefault(k, {}).update(v)
+    over["run"] = str(run)
+    return load_config(None, over)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from flows import prefect_env
+
+    prefect_env()
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def run_benchmark(cfg, which="benchmark"):
+    from flows.flows import FLOWS, make_runner
+
+    state = FLOWS[which].with_options(task_runner=make_runner(cfg.runner))(config=cfg, return_state=True)
+    return state
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    """task run name -> state name, for one flow run (read back from the API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {t.name: t.state.name for t in runs}
+
+
+def artifacts_of(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a.type for a in arts if a.key}
+
+
+def digest(run: Path) -> dict[str, str]:
+    """sample_id -> hash of the sample's image bytes (decoded pixels), from candidates.parquet."""
+    from data import load_images
+
+    df = pd.read_parquet(run / "candidates.parquet")
+    imgs = load_images(df["uri"], run, 1, (8, 8))
+    return {sid: hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest() for sid, im in zip(df["sample_id"], imgs)}
+
+
+@pytest.fixture(scope="module")
+def finished(harness, tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("flows") / "digits-bench")
+    state = run_benchmark(cfg)
+    assert state.is_completed(), state.message
+    return cfg, state
+
+
+# --------------------------------------------------------------------------- end to end and caching
+
+def test_benchmark_end_to_end_writes_run_folder_and_artifacts(finished):
+    cfg, state = finished
+    run = Path(cfg.run)
+    out = state.result()
+    for rel in ("config.yaml", "real.parquet", "counts.json", "counts.png", "plan.json", "candidates.parquet",
+                "filtered.parquet", "models/baseline/model.safetensors", "models/rebalanced/model.safetensors",
+                "eval/baseline-test.json", "eval/rebalanced-test.json", "eval/report.md", "eval/compare.json"):
+        assert (run / rel).exists(), rel
+    # config.yaml is the resolved config: it loads back to the same model
+    assert load_config(run / "config.yaml") == cfg
+    plan = yaml.safe_load((run / "plan.json").read_text())
+    cands = pd.read_parquet(run / "candidates.parquet")
+    assert len(cands) == plan["total"] > 0 and not cands["sample_id"].duplicated().any()
+    # the rebalanced model trained on real + accepted synthetic rows, the baseline on real only
+    filt = pd.read_parquet(run / "filtered.parquet")
+    assert set(filt["sample_id"]) == set(cands["sample_id"])
+    assert out["report"].endswith("report.md") and "baseline" in (run / "eval" / "report.md").read_text()
+    assert set(out["metrics"]) == {"baseline", "rebalanced"}
+    assert all(0 <= m["top1"] <= 1 for m in out["metrics"].values())
+
+    arts = artifacts_of(state.state_details.flow_run_id)
+    slug = "digits-bench"
+    for key, kind in {"counts": "table", "histogram": "markdown", "plan": "table", "ddpm-training": "progress",
+                      "generation": "progress", "candidates": "table", "filter": "table",
+                      "train-baseline": "progress", "train-rebalanced": "progress",
+                      "metrics-baseline-test": "table", "metrics-rebalanced-test": "table",
+                      "report": "markdown"}.items():
+        assert arts.get(f"{slug}-{key}") == kind, (key, sorted(arts))
+    tasks = task_states(state.state_details.flow_run_id)
+    assert sum(n.startswith("shard ") for n in tasks) == len(cands["shard"].unique())
+    assert all(s == "Completed" for s in tasks.values()), tasks
+
+
+def test_second_run_is_served_from_the_run_folder(finished):
+    cfg, first = finished
+    run = Path(cfg.run)
+    watched = ["candidates.parquet", "filtered.parquet", "models/rebalanced/model.safetensors", "eval/report.md"]
+    before = {p: (run / p).stat().st_mtime_ns for p in watched}
+    state = run_benchmark(cfg)
+    assert state.is_completed()
+    tasks = task_states(state.state_details.flow_run_id)
+    assert tasks and all(s == "Cached" for s in tasks.values()), tasks
+    assert {p: (run / p).stat().st_mtime_ns for p in watched} == before
+    assert state.result()["metrics"] == first.result()["metrics"]
+
+
+def test_interrupted_generation_resumes_to_the_same_samples(finished, tmp_path, monkeypatch):
+    """The first shard fails once (retried, then done); every later shard fails on every retry, which
+    stops the flow mid-generation. The re-run generates only the missing shards and ends with exactly
+    the candidates of the uninterrupted run, none duplicated."""
+    import shutil
+
+    import gen.ddpm
+
+    cfg_done, _ = finished
+    cfg = tiny_config(tmp_path / "digits-bench")
+    # reuse the trained diffusion model (same data, seed and preset): the test is about the shards
+    model = Path(cfg_done.run) / "synthetic" / "ddpm" / "model"
+    shutil.copytree(model, Path(cfg.run) / "synthetic" / "ddpm" / "model")
+    real_run_shard = gen.ddpm.DDPMGenerator.run_shard
+    calls = {"n": 0}
+
+    def flaky(self, shard, out_dir):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("transient failure of the first attempt")
+        if calls["n"] > 2:
+            raise RuntimeError("injected failure after the first shard")
+        return real_run_shard(self, shard, out_dir)
+
+    monkeypatch.setattr(gen.ddpm.DDPMGenerator, "run_shard", flaky)
+    state = run_benchmark(cfg, "rebalance")
+    assert state.is_failed()
+    run = Path(cfg.run)
+    finished_shards = list((run / "synthetic" / "ddpm").glob("c*/rows.parquet"))
+    assert len(finished_shards) == 1 and not (run / "candidates.parquet").exists()
+    assert not list((run / "synthetic" / "ddpm").glob(".tmp-*"))  # failed shards left no partial folder
+    assert calls["n"] == 2 + 1 + cfg.runner.shard_retries  # retried once; the second shard: 1 try + retries
+
+    monkeypatch.setattr(gen.ddpm.DDPMGenerator, "run_shard", real_run_shard)
+    state = run_benchmark(cfg, "rebalance")
+    assert state.is_completed(), state.message
+    tasks = task_states(state.state_details.flow_run_id)
+    shard_states = [s for n, s in tasks.items() if n.startswith("shard ")]
+    assert shard_states.count("Cached") == 1 and shard_states.count("Completed") == len(shard_states) - 1
+    assert tasks["measure " + cfg.run] == "Cached" and tasks["plan " + cfg.run] == "Cached"
+    again = pd.read_parquet(run / "candidates.parquet")
+    assert not again["sample_id"].duplicated().any()
+    assert digest(run) == digest(Path(cfg_done.run))
+
+
+# --------------------------------------------------------------------------- bad input: clear errors, no work
+
+def test_unknown_keys_name_the_nearest_valid_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generate:\n  ddpm:\n    ddpm_presett: tiny\n")
+    with pytest.raises(TailforgeError, match=r"unknown key 'generate\.ddpm\.ddpm_presett'.*did you mean 'ddpm_preset'"):
+        load_config(bad)
+    bad.write_text("trian:\n  epochs: 3\n")
+    with pytest.raises(TailforgeError, match=r"unknown key 'trian'.*did you mean 'train'"):
+        load_config(bad)
+    with pytest.raises(TailforgeError, match=r"unknown key 'train\.epoch'.*did you mean 'epochs'"):
+        load_config(None, parse_set(["train.epoch=3"]))
+    with pytest.raises(TailforgeError, match="key.path=value"):
+        parse_set(["train.epochs"])
+    with pytest.raises(TailforgeError, match=r"data\.imbalance.*>= 1"):
+        load_config(None, {"data": {"imbalance": 0.5}})
+
+
+def test_cli_bad_yaml_is_one_line_and_writes_nothing(tmp_path, capsys):
+    run = tmp_path / "never"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [\n")
+    assert main(["run", "--config", str(bad), "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML at line 2" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    bad.write_text("- just\n- a list\n")
+    assert main(["run", "--config", str(bad), "--run", str(run)]) == 2
+    assert "mapping" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_config_contradicting_the_run_folder_is_refused_before_work(digits_run_copy, capsys):
+    run = digits_run_copy.root
+    cfg = tiny_config(run)
+    write_config(cfg)
+    check_run_folder(cfg)  # the same config: fine
+    check_run_folder(tiny_config(run, train={"epochs": 5}))  # no model trained yet: train may change
+    files = sorted(p.name for p in run.iterdir())
+    assert main(["run", "--run", str(run), "--set", "data.imbalance=20", "--set", "train.model=tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "contradicts run folder" in err and "data.imbalance: 10.0 -> 20.0" in err and "(fix:" in err
+    assert sorted(p.name for p in run.iterdir()) == files  # nothing written, no stage ran
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["imbalance"] == 10
+
+
+def test_show_config_prints_the_embedded_default(capsys):
+    assert main(["run", "--show-config"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["data"]["dataset"] == "digits" and shown["generate"]["ddpm"]["ddpm_preset"] == "fast"
+    assert shown["train"]["synthetic"] == "none"  # the rebalanced model switches it to 'filtered'
