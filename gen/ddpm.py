@@ -35,7 +35,7 @@ PRESETS = {
     "tiny": dict(blocks=(8, 16), attn=(False, False), layers=1, groups=4, steps=30, batch=16, lr=3e-3,
                  sample_steps=4),
     "fast": dict(blocks=(16, 32), attn=(False, False), layers=1, groups=8, steps=400, batch=64, lr=3e-3,
-                 sample_steps=20),
+                 sample_steps=10),
     "full": dict(blocks=(128, 256, 256), attn=(False, True, True), layers=2, groups=32, steps=40_000, batch=256,
                  lr=2e-4, sample_steps=50),
 }
