@@ -74,8 +74,9 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype: str = "auto", s
     if not model:
         raise TailforgeError("the sd generator needs Stable Diffusion weights, and none were given", NEEDS_MODEL_HINT)
     path = Path(model).expanduser()
-    kw = dict(torch_dtype=pick_dtype(dtype, device), safety_checker=None, requires_safety_checker=False,
+    kw = dict(safety_checker=None, requires_safety_checker=False,
               feature_extractor=None)
+    kw[dtype_kwarg()] = pick_dtype(dtype, device)
     if path.exists():
         check_folder(path)
         pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kw)
@@ -97,6 +98,14 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype: str = "auto", s
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     return pipe
+
+
+def dtype_kwarg() -> str:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (0.36); use whichever this version takes."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
 
 
 def make_scheduler(kind: str, config):
