@@ -89,3 +89,31 @@ def test_featdict_without_a_trained_classifier_fails_clearly(digits_run_copy):
     with pytest.raises(TailforgeError, match="tailforge train"):
         generate(digits_run_copy, GenerateConfig(generator="featdict"))
     assert not digits_run_copy.candidates.exists()
+
+
+def test_generator_in_a_trained_classifiers_feature_space(digits_run_copy):
+    """End to end with the real train package: a tiny CNN trained 2 epochs, features from its backbone."""
+    import train
+
+    run = digits_run_copy
+    train.fit(run, train.TrainConfig(model="tiny", width=8, epochs=2, batch_size=128), "baseline")
+    plan_run(run, PlanConfig(classes=["few"], overgen=1.0, budget=24))
+    df = generate(run, GenerateConfig(generator="featdict", shard_size=8))
+    assert len(df) == 24 and (df["feature_model"] == "baseline").all()
+    model, meta = train.load_model(run.model_dir("baseline"))
+    path, row = run.resolve(df["uri"].iloc[0])
+    feats = np.load(path)
+    assert feats.shape[1] == meta["feature_dim"] and np.isfinite(feats).all()
+    # the classifier's own head mostly puts the synthetic features in their planned class
+    import torch
+
+    with torch.no_grad():
+        rows = np.concatenate([np.load(run.resolve(u)[0])[[run.resolve(u)[1]]] for u in df["uri"]])
+        pred = model.forward_head(torch.from_numpy(rows)).argmax(1).numpy()
+    real_df = read_manifest(run.real)
+    real_df = real_df[(real_df["split"] == "train") & real_df["label"].isin(df["label"].unique())]
+    info = run.dataset_info()
+    real_pred = train.predict_proba(model, meta, load_images(real_df["uri"], run.root, info["channels"],
+                                                             tuple(info["image_size"]))).argmax(1)
+    real_acc = (real_pred == real_df["label"].to_numpy()).mean()
+    assert (pred == df["label"].to_numpy()).mean() >= min(0.5, real_acc)  # as separable as the real tail
