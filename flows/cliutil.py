@@ -34,7 +34,7 @@ def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel], *, s
         args = typing.get_args(ann)
         default = field.default
         helptext = (field.description or "") + (f" [default: {default}]" if default not in (None, ...) else "")
-        kw: dict[str, Any] = dict(dest=prefix + name, default=argparse.SUPPRESS, help=helptext)
+        kw: dict[str, Any] = dict(dest=prefix + name, default=argparse.SUPPRESS, help=helptext.replace("%", "%%"))
         if ann is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif ann in (int, float):
