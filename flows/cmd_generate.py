@@ -61,7 +61,7 @@ def run(args) -> int:
     mine = df[df["generator"] == cfg.generator]
     counts = mine.groupby("class_name", sort=False).size()
     con.print(f"{cfg.generator}: {len(mine):,} candidates "
-              + ", ".join(f"{k} {v}" for k, v in counts.items()))
+              + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     con.print(f"wrote {r.candidates} ({len(df):,} rows, all generators)")
     if args.grids and cfg.generator != "featdict" and len(mine):
         paths = write_sample_grids(r, cfg.generator)

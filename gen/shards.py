@@ -167,6 +167,7 @@ def generate(run: RunDir | str, cfg: GenerateConfig | None = None, progress: Pro
     if progress:
         progress(done, total, {"stage": "generate", "generator": cfg.generator, "skipped_shards": len(shards) - len(todo)})
     if todo:
+        quiet_hf()
         gen = GENERATORS[cfg.generator](run, cfg, info)
         gen.prepare(plan, progress=progress)
         for s in todo:
@@ -183,6 +184,15 @@ def generate(run: RunDir | str, cfg: GenerateConfig | None = None, progress: Pro
     df = collect_candidates(run, plan)
     write_candidates(run, df)
     return df
+
+
+def quiet_hf() -> None:
+    """Silence diffusers/transformers loading bars and advice (our own progress bar says what runs)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.set_verbosity_error(), dlog.disable_progress_bar()
+    tlog.set_verbosity_error(), tlog.disable_progress_bar()
 
 
 def resolve_device(device: str) -> str:
