@@ -87,11 +87,14 @@ def shard_done(folder: Path) -> bool:
     return (folder / ROWS).is_file()
 
 
-def clean_partial(gen_dir: Path) -> None:
-    """Remove temp folders/files left by an interrupted shard (never a finished shard)."""
-    if gen_dir.is_dir():
-        for p in gen_dir.glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+def clean_partial(gen_dir: Path, shards: list[Shard]) -> None:
+    """Remove temp folders left by an interrupted (killed) run of these shards.
+
+    Only this worker's shards: another worker (``--shard j/n``) may be writing its own right now.
+    """
+    for s in shards:
+        for p in gen_dir.glob(f".tmp-{s.id}-*"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def rows_frame(rows: list[dict]) -> pd.DataFrame:
@@ -160,7 +163,7 @@ def generate(run: RunDir | str, cfg: GenerateConfig | None = None, progress: Pro
     plan = Plan.load(run)
     shards = make_shards(plan, cfg.generator, cfg.shard_size)[worker::workers]
     gen_dir = run.synthetic(cfg.generator)
-    clean_partial(gen_dir)
+    clean_partial(gen_dir, shards)
     todo = [s for s in shards if not shard_done(gen_dir / s.id)]
     total = sum(s.size for s in shards)
     done = total - sum(s.size for s in todo)

@@ -81,7 +81,7 @@ def test_workers_split_shards_and_interrupted_shards_leave_nothing(planned, monk
     odd = sorted(p.name for p in gen_dir.glob("c*"))
     generate(run, tiny_cfg(), shard="0/2")
     all_ = sorted(p.name for p in gen_dir.glob("c*"))
-    assert set(odd) < set(all_) and len(all_) == 3  # 1 + 2 shards of size <= 4 over 6 samples... see plan
+    assert set(odd) < set(all_) and len(all_) == 3  # class 8: 1 sample (1 shard), class 9: 5 (2 shards)
     assert len(pd.read_parquet(run.candidates)) == read_json(run.plan)["total"]
 
     # Ctrl-C in the middle of a shard: a file is half written, then the interrupt hits
@@ -101,8 +101,12 @@ def test_workers_split_shards_and_interrupted_shards_leave_nothing(planned, monk
     assert not (gen_dir / all_[0]).exists()
     assert not list(gen_dir.glob(".tmp-*")) and not list(gen_dir.rglob("partial.png"))
     monkeypatch.setattr(DDPMGenerator, "run_shard", real_run_shard)
+    killed = gen_dir / f".tmp-{all_[0]}-killed"  # what a SIGKILL mid-shard leaves behind
+    killed.mkdir()
+    (killed / "000000.png").write_bytes(b"half")
     df = generate(run, tiny_cfg())
-    assert len(df) == read_json(run.plan)["total"]
+    assert len(df) == read_json(run.plan)["total"] and not killed.exists()
+    assert sorted(p.name for p in gen_dir.glob("c*")) == all_
 
 
 def test_interrupted_training_resumes_to_the_same_model(planned, tmp_path):
