@@ -71,11 +71,10 @@ def task_states(flow_run_id) -> dict[str, str]:
     for _ in range(40):  # task states reach the API as events: wait until every one is final
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        states = {t.name: t.state.name for t in runs}
-        if all(t.state.is_final() for t in runs):
+        if all(t.state is not None and t.state.is_final() for t in runs):
             break
         time.sleep(0.5)
-    return states
+    return {t.name: t.state.name if t.state is not None else "(no state yet)" for t in runs}
 
 
 def artifacts_of(flow_run_id) -> dict[str, str]:
