@@ -89,7 +89,7 @@ def compare(items, names=None, *, baseline: str | None = None, split: str | None
         row = {"n_seeds": len(es), "models": [e["model"] for e in es]}
         for m in cfg.metrics:
             vals = [e.get(m) for e in es if e.get(m) is not None]
-            row[m] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+            row[m] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
                       "values": vals} if vals else None
         rows[label] = row
     for label, row in rows.items():
@@ -118,10 +118,16 @@ def _pick_baseline(name: str | None, labels: list[str]) -> str:
 
 def to_markdown(result: dict) -> str:
     ms = result["metrics"]
-    head = f"## Comparison on the {result['split']} split (mean ± std over seeds)\n\n"
+    head = f"## Comparison on the {result['split']} split (mean ± std over seeds; one seed: no std)\n\n"
     lines = ["| method | seeds | " + " | ".join(ms) + " |", "|---|---:|" + "---:|" * len(ms)]
+
+    def cell(v: dict | None) -> str:
+        if not v:
+            return "–"
+        return f"{v['mean']:.4f}" if v["std"] is None else f"{v['mean']:.4f} ± {v['std']:.4f}"
+
     for label, row in result["methods"].items():
-        cells = [f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}" if row[m] else "–" for m in ms]
+        cells = [cell(row[m]) for m in ms]
         lines.append(f"| {label} | {row['n_seeds']} | " + " | ".join(cells) + " |")
     delta = [f"\n### Deltas against the baseline `{result['baseline']}` (difference of means)\n",
              "| method | " + " | ".join(ms) + " |", "|---|" + "---:|" * len(ms)]
