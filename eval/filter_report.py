@@ -76,7 +76,7 @@ def markdown(table: list[dict], warns: list[str], calibrations: dict, backend: s
     lines += ["", f"Total: {total_acc} of {total_gen} candidates accepted.", ""]
     if warns:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warns] + [""]
-    lines += ["Figures: `scores.png` (scores with thresholds), `grid_<label>.png` (accepted vs rejected, tail classes)."]
+    lines += ["Figures: `scores.png` (scores with thresholds), `grid_<label>_<class>.png` (accepted vs rejected, tail classes)."]
     return "\n".join(lines) + "\n"
 
 

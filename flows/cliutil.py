@@ -44,6 +44,11 @@ def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel], *, s
             kw["choices"] = list(args)
         elif isinstance(ann, type) and issubclass(ann, BaseModel):
             continue  # nested models: YAML only
+        elif type(None) in args and any(a in (int, float) for a in args):
+            num = next(a for a in args if a in (int, float))
+            kw["type"] = _optional(num)
+            kw["metavar"] = f"{num.__name__.upper()}|none"
+            kw["help"] += " ('none' turns it off)"
         elif ann is Path or Path in args or ann is str:
             kw["type"] = str
             kw["metavar"] = "PATH" if ann is not str else "TEXT"
@@ -51,6 +56,21 @@ def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel], *, s
             kw["type"] = _loose
             kw["metavar"] = "VALUE"
         target.add_argument(_option(prefix + name), **kw)
+
+
+def _optional(kind: type):
+    """Parse an optional number: 'none', 'null', 'off' -> None."""
+
+    def parse(text: str):
+        if text.strip().lower() in ("none", "null", "off", "~"):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} or 'none', got {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _loose(text: str) -> Any:

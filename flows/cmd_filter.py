@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
         description="Embed the real TRAIN images and the candidates (classifier, clip or timm embedder), reject "
         "wrong-class, low-fidelity, near-copy and duplicate candidates, keep the best up to the plan's quota, "
         "and write filtered.parquet plus filter/classes.md, filter/scores.png and per tail class "
-        "filter/grid_<label>.png. Val and test images are never read.",
+        "filter/grid_<label>_<class>.png. Val and test images are never read.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_run_arg(p)

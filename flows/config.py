@@ -188,14 +188,15 @@ OUTPUTS = {
     "train": ("models",),
 }
 # settings that never change results: they may differ between runs on one folder
-NEUTRAL = {"device", "resume", "overwrite", "eval_batch_size", "batch_size_eval", "workers", "num_workers"}
+NEUTRAL = {"device", "resume", "overwrite", "eval_batch_size", "batch_size_eval", "workers", "num_workers", "ddp",
+           "nproc"}
 
 
 def _diff(old: Any, new: Any, path: str) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
-            if k in NEUTRAL:
+            if k in NEUTRAL or k not in old:  # absent: the folder predates that option (stamps still decide)
                 continue
             out += _diff(old.get(k), new.get(k), f"{path}.{k}")
         return out

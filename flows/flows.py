@@ -20,9 +20,13 @@ from data import DataConfig, MeasureConfig, RunDir
 
 from . import prefect_env
 from .config import (FilterConfig, GenerateConfig, PlanConfig, RunConfig, RunnerConfig, TrainConfig,
-                     check_run_folder, write_config)
+                     check_run_folder, load_config, write_config)
 from .tasks import (ProgressArtifact, artifact_key, collect_task, compare_task, evaluate_task, filter_task, forget_generators,
                     generate_shard_task, measure_task, plan_task, prepare_generator_task, train_task)
+
+# The flows' default parameter: the embedded digits config (flows/default.yaml), so a deployment run
+# or a UI run with no parameters does what `tailforge run` does.
+DEFAULT_CONFIG = load_config()
 
 
 # --------------------------------------------------------------------------- environment and runners
@@ -115,13 +119,13 @@ FLOW_OPTS = dict(log_prints=True, validate_parameters=True, persist_result=False
 
 @flow(name="rebalance", description="Every stage on one run folder: measure, plan, generate, filter, train, "
       "evaluate.", **FLOW_OPTS)
-def rebalance(config: RunConfig = RunConfig()) -> dict:
+def rebalance(config: RunConfig = DEFAULT_CONFIG) -> dict:
     return _rebalance_steps(config)
 
 
 @flow(name="benchmark", description="Baseline (real only) vs rebalanced (real + filtered synthetic): same split, "
       "seed and budget; publishes the comparison report.", **FLOW_OPTS)
-def benchmark(config: RunConfig = RunConfig()) -> dict:
+def benchmark(config: RunConfig = DEFAULT_CONFIG) -> dict:
     out = _rebalance_steps(config)
     run, split = config.run, config.eval_split
     out["metrics"][config.baseline] = call(evaluate_task, run, config.baseline, split, config.evaluate)

@@ -17,6 +17,7 @@ Images whose side is not a multiple of ``2 ** (levels - 1)`` are resized up for 
 from __future__ import annotations
 
 import copy
+import fcntl
 import math
 import time
 from pathlib import Path
@@ -126,14 +127,18 @@ class DDPMGenerator(Generator):
         from diffusers import UNet2DModel
 
         done = self.model_dir / "done.json"
-        if done.exists():
-            meta = read_json(done)
-            if meta["fingerprint"] != self.fingerprint():
-                raise TailforgeError(
-                    f"{self.model_dir} holds a diffusion model trained with other settings",
-                    f"use the same ddpm options and seed, or delete {self.model_dir.parent} to retrain")
-        else:
-            self.train(progress)
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        # One trainer at a time: parallel `--shard i/n` workers wait here for the first one's model.
+        with open(self.model_dir / ".train.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if done.exists():
+                meta = read_json(done)
+                if meta["fingerprint"] != self.fingerprint():
+                    raise TailforgeError(
+                        f"{self.model_dir} holds a diffusion model trained with other settings",
+                        f"use the same ddpm options and seed, or delete {self.model_dir.parent} to retrain")
+            else:
+                self.train(progress)
         self.unet = UNet2DModel.from_pretrained(self.model_dir / "unet").to(self.device).eval()
 
     def train(self, progress: Progress | None = None) -> None:

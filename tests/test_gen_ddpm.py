@@ -133,3 +133,34 @@ def test_interrupted_training_resumes_to_the_same_model(planned, tmp_path):
     a = load_file(planned.synthetic("ddpm") / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(other.synthetic("ddpm") / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_parallel_shard_workers_train_the_model_once(planned, monkeypatch):
+    """`--shard 0/2` and `--shard 1/2` started together: one trains, the other waits for its model."""
+    import threading
+
+    from gen.ddpm import DDPMGenerator
+
+    calls = []
+    real_train = DDPMGenerator.train
+
+    def counted(self, progress=None):
+        calls.append(threading.get_ident())
+        return real_train(self, progress)
+
+    monkeypatch.setattr(DDPMGenerator, "train", counted)
+    errors = []
+
+    def worker(spec):
+        try:
+            generate(planned, tiny_cfg(), shard=spec)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f"{i}/2",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(calls) == 1
+    assert len(pd.read_parquet(planned.candidates)) == read_json(planned.plan)["total"]
