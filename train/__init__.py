@@ -1,6 +1,7 @@
 """Train stage: models, long-tail losses, samplers, augmentation, the trainer and checkpoints.
 
-Public surface (docs/api.md): ``TrainConfig``, ``fit``, ``load_model``, ``embed``, ``predict_proba``,
+Public surface (docs/api.md): ``TrainConfig``, ``fit``, ``launch_fit`` (fit under torchrun/DDP on >1 GPU),
+``load_model``, ``embed``, ``predict_proba``,
 plus the registries ``MODELS``, ``LOSSES``, ``SAMPLERS`` and ``create_model``. Torch is imported
 lazily, so ``from train import TrainConfig`` stays fast for the CLI.
 """
@@ -11,7 +12,7 @@ from importlib import import_module
 from .config import TrainConfig
 
 _LAZY = {
-    "fit": ".trainer", "training_table": ".trainer",
+    "fit": ".trainer", "training_table": ".trainer", "launch_fit": ".ddp",
     "load_model": ".checkpoint", "embed": ".checkpoint", "predict_proba": ".checkpoint",
     "predict_logits": ".checkpoint", "preprocess": ".checkpoint",
     "create_model": ".models", "MODELS": ".models", "Classifier": ".models",

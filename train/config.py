@@ -59,7 +59,8 @@ class TrainConfig(BaseModel):
                                     "(real samples weigh 1)")
     # optimisation
     epochs: int = Field(10, ge=1, description="training epochs")
-    batch_size: int = Field(128, ge=1, description="batch size")
+    batch_size: int = Field(128, ge=1, description="batch size: the global one; under DDP each of the N processes "
+                            "takes batch_size // N samples per step")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum 0.9, nesterov) or adamw")
     lr: float = Field(0.1, gt=0, description="peak learning rate (cosine schedule after warmup)")
     weight_decay: float = Field(5e-4, ge=0, description="weight decay, applied to weights only (not norms/biases)")
@@ -88,6 +89,10 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:1, ...")
     amp: bool = Field(True, description="bf16 autocast and channels_last on GPU (no effect on CPU)")
     eval_batch_size: int = Field(512, ge=1, description="batch size of validation/prediction")
+    ddp: Literal["auto", "off"] = Field("auto", description="auto: train with torch DDP (torchrun, one process per "
+                                        "GPU) when more than one GPU is visible, or when nproc > 1; off: one process")
+    nproc: Union[int, None] = Field(None, ge=1, description="DDP processes (default: one per visible GPU); "
+                                    "with --device cpu, nproc > 1 runs N CPU processes over gloo (for testing)")
     resume: bool = Field(True, description="continue an interrupted training of the same name and config")
     overwrite: bool = Field(False, description="replace a finished model of the same name trained with other settings")
 
@@ -107,6 +112,6 @@ class TrainConfig(BaseModel):
     def identity(self) -> dict:
         """The settings that determine the trained weights (resume/skip compare these)."""
         d = self.model_dump(mode="json")
-        for k in ("resume", "overwrite", "device", "eval_batch_size"):
+        for k in ("resume", "overwrite", "device", "eval_batch_size", "ddp", "nproc"):
             d.pop(k, None)
         return d

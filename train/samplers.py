@@ -51,6 +51,21 @@ def weighted(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 SAMPLERS = {"instance": instance, "class_balanced": class_balanced, "sqrt": sqrt, "weighted": weighted}
 
 
+def shard_indices(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s share of an epoch's global ``order`` under DDP: every ``world_size``-th position.
+
+    Every rank computes the same ``order`` (same sampler, same (seed, epoch)), drops the last
+    ``len(order) % world_size`` positions so that all shards have the same length, and keeps the
+    positions ``rank, rank + world_size, ...``. The shards are disjoint and their union is the trimmed
+    order; batch ``s`` of ``b`` samples on every rank together is ``order[s*b*world_size:(s+1)*b*world_size]``,
+    the batch one process would take with batch size ``b * world_size``.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    n = len(order) - len(order) % world_size
+    return np.asarray(order)[:n][rank::world_size]
+
+
 def epoch_indices(name: str, labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     if name not in SAMPLERS:
         raise unknown_name("sampler", name, SAMPLERS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from .checkpoint import build_from_meta, embed, load_model, resolve_device
 from .config import TrainConfig
 from .losses import LOSSES, build_loss, kd_loss, supcon
 from .models import MODELS, create_model, load_pretrained, make_head, param_groups
-from .samplers import SAMPLERS, epoch_indices
+from .samplers import SAMPLERS, epoch_indices, shard_indices
 
 STATE = "state.pt"
 
@@ -94,9 +95,12 @@ def lr_lambda(total: int, warmup: int):
     return f
 
 
-def seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    """Seed torch's global RNG (dropout, RandAugment, equalization) and return the augmentation generator."""
-    s = (seed * 1_000_003 + epoch * 7919 + 12345) % (2**63 - 1)
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """Seed torch's global RNG (dropout, RandAugment, equalization) and return the augmentation generator.
+
+    Each DDP rank gets its own stream (rank 0's is the single-process one).
+    """
+    s = (seed * 1_000_003 + epoch * 7919 + 12345 + rank * 104_729) % (2**63 - 1)
     torch.manual_seed(s)
     return torch.Generator().manual_seed(s + 1)
 
@@ -292,41 +296,161 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
     return task, model, labels, weights, counts, meta, val["label"].to_numpy()
 
 
+# ----------------------------------------------------------------------------- distributed
+def dist_env() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) when torchrun launched this process in a job of more than one, else None."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if world > 1 and "LOCAL_RANK" in os.environ:
+        return int(os.environ.get("RANK", os.environ["LOCAL_RANK"])), world, int(os.environ["LOCAL_RANK"])
+    return None
+
+
+class Dist:
+    """This process's place in a DDP job; rank 0 of a world of 1 outside torchrun (every call a no-op)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, dev: torch.device | None = None, owns_group: bool = False):
+        self.rank, self.world, self.dev, self.owns_group = rank, world, dev, owns_group
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if self.dev is not None and self.dev.type == "cuda":
+                dist.barrier(device_ids=[self.dev.index])
+            else:
+                dist.barrier()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of ``t`` over the ranks (a detached copy)."""
+        t = t.detach().float().clone()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(module, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def init_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
+    """Join the torchrun job this process belongs to (nccl on CUDA, one GPU per LOCAL_RANK; gloo on CPU).
+
+    Outside torchrun (or in a job of one) returns ``(Dist(), device)`` and touches nothing.
+    """
+    dev = resolve_device(cfg.device)
+    env = dist_env()
+    if env is None:
+        return Dist(dev=dev), dev
+    import torch.distributed as dist
+
+    rank, world, local = env
+    if dev.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise TailforgeError(f"DDP process {local} has no GPU: only {torch.cuda.device_count()} visible",
+                                 "launch at most one process per GPU (nproc), or use --device cpu")
+        dev = torch.device("cuda", local)  # one GPU per process; a pinned cuda:K is ignored under DDP
+        torch.cuda.set_device(dev)
+    owns = not dist.is_initialized()
+    if owns:
+        if dev.type == "cuda":
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), dev, owns), dev
+
+
+class _Forward(nn.Module):
+    """The task's forward as a module's ``forward``, so that DDP (which hooks ``forward``) can wrap it."""
+
+    def __init__(self, task, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.task = task
+
+    def forward(self, x):
+        return self.task.forward(self.net, x)
+
+
 # ----------------------------------------------------------------------------- fit
+def finished(run: RunDir, cfg: TrainConfig, name: str) -> Path | None:
+    """``models/<name>/`` when it is already trained with ``cfg``'s settings, else None.
+
+    Raises on an invalid name, and on a model of that name with other settings unless ``cfg.overwrite``.
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise TailforgeError(f"invalid model name '{name}'", "use a plain folder name like resnet32-ce-s0")
+    final = run.model_dir(name)
+    if (final / "config.json").exists():
+        old = read_json(final / "config.json").get("identity")
+        if old == cfg.identity():
+            return final
+        if not cfg.overwrite:
+            raise TailforgeError(f"model '{name}' already exists in {run.root} with other settings",
+                                 "choose another --name, or pass --overwrite")
+    return None
+
+
 def fit(run: RunDir, cfg: TrainConfig, name: str, progress=None) -> Path:
     """Train ``cfg`` on ``run`` and write ``models/<name>/``; returns that folder.
 
     A finished model with the same settings is returned as is (resume of a whole pipeline);
     one with other settings is refused unless ``cfg.overwrite``.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process calls ``fit``: it joins the process group, wraps
+    the model in DistributedDataParallel and trains on its shard of each epoch; rank 0 alone validates,
+    writes the resumable state, calls ``progress`` and writes ``models/<name>/``. ``cfg.batch_size`` is
+    global (each of N processes takes ``batch_size // N`` per step). To launch such a job from one
+    process use ``train.ddp.launch_fit``.
     """
     run = RunDir(run.root if isinstance(run, RunDir) else run)
     check_names(cfg)
-    if not name or "/" in name or name.startswith("."):
-        raise TailforgeError(f"invalid model name '{name}'", "use a plain folder name like resnet32-ce-s0")
+    done = finished(run, cfg, name)
+    if done is not None:
+        return done
+    dd, dev = init_distributed(cfg)
+    try:
+        return _fit(run, cfg, name, dd, dev, progress)
+    finally:
+        dd.close()
+
+
+def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, progress) -> Path:
     final = run.model_dir(name)
     ident = cfg.identity()
-    if (final / "config.json").exists():
-        old = read_json(final / "config.json").get("identity")
-        if old == ident:
-            return final
-        if not cfg.overwrite:
-            raise TailforgeError(f"model '{name}' already exists in {run.root} with other settings",
-                                 "choose another --name, or pass --overwrite")
     work = run.root / "models" / f".work-{name}"
-    dev = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     task, model, labels, weights, counts, meta, val_y = _setup(run, cfg, dev)
+    if len(labels) < 2 * dd.world:
+        raise TailforgeError(f"{len(labels)} training samples cannot be shared by {dd.world} processes",
+                             "train in one process (ddp: off)")
     loss_fn = build_loss(cfg, counts).to(dev)
     net = task.net
     opt = _optimizer(cfg, net)
-    bs = min(cfg.batch_size, len(labels))
-    steps = max(1, len(labels) // bs)  # drop the last partial batch (BatchNorm needs > 1 sample)
+    bs = max(1, min(cfg.batch_size, len(labels)) // dd.world)  # per process; the global batch is bs * world
+    steps = max(1, len(labels) // (bs * dd.world))  # drop the last partial batch (BatchNorm needs > 1 sample)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.epochs * steps, int(round(cfg.warmup * steps))))
     ema = EMA(net, cfg.ema) if cfg.ema > 0 else None
     state = {"epoch": 0, "best": {"epoch": -1, "val_balanced_acc": -1.0}, "log": [], "best_weights": None}
     start = 0
-    if cfg.resume and (work / STATE).exists():
+    if cfg.resume and (work / STATE).exists():  # every rank loads the same state (DDP then starts in sync)
         saved = torch.load(work / STATE, map_location=dev, weights_only=False)
         if saved.get("identity") == json.dumps(ident, sort_keys=True):
             net.load_state_dict(saved["net"])
@@ -336,39 +460,49 @@ def fit(run: RunDir, cfg: TrainConfig, name: str, progress=None) -> Path:
                 ema.module.load_state_dict(saved["ema"])
             state = saved["state"]
             start = state["epoch"]
-    if not (cfg.resume and start > 0):
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    dd.barrier()  # all ranks have read the state before rank 0 clears the work folder
+    if dd.main:
+        if not (cfg.resume and start > 0):
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+    fwd = dd.wrap(_Forward(task, net))  # DDP broadcasts rank 0's weights here and averages gradients
 
     amp = dev.type == "cuda" and cfg.amp
     y_all = torch.from_numpy(np.array(labels, dtype=np.int64)).to(dev)
     w_all = torch.from_numpy(weights).to(dev)
     total = cfg.epochs * steps
     for epoch in range(start, cfg.epochs):
-        g = seed_epoch(cfg.seed, epoch)
-        order = epoch_indices(cfg.sampler, labels, cfg.seed, epoch)
-        net.train()
+        g = seed_epoch(cfg.seed, epoch, dd.rank)
+        order = epoch_indices(cfg.sampler, labels, cfg.seed, epoch)  # the same global order on every rank
+        mine = shard_indices(order, dd.rank, dd.world)
+        fwd.train()
         if cfg.stage == "crt":
             model.backbone.eval()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         for step in range(steps):
-            idx = order[step * bs:(step + 1) * bs]
+            idx = mine[step * bs:(step + 1) * bs]
             tidx = torch.from_numpy(idx).to(dev)
             x, ya, yb, lam = task.inputs(idx, y_all[tidx], g)
             w = w_all[tidx]
+            # the weighted mean is over the global batch: this rank's sum / the global weight sum, times
+            # world because DDP averages the gradients of the ranks
+            gw = w if dd.world == 1 else w_all[torch.from_numpy(order[step * bs * dd.world:(step + 1) * bs * dd.world])
+                                                 .to(dev)]
+            wsum = gw.sum().clamp_min(1e-12)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                logits, feats = task.forward(net, x)
+                logits, feats = fwd(x)
             per = lam * loss_fn(logits, ya, epoch)
             if lam < 1:
                 per = per + (1 - lam) * loss_fn(logits, yb, epoch)
-            loss = (w * per).sum() / w.sum().clamp_min(1e-12)
+            loss = (w * per).sum() / wsum * dd.world
             if task.teacher is not None:
                 kd = kd_loss(logits, task.teacher_logits(x), cfg.kd_temperature)
-                loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * (w * kd).sum() / w.sum().clamp_min(1e-12)
+                loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * (w * kd).sum() / wsum * dd.world
             if cfg.supcon_weight > 0:
                 loss = loss + cfg.supcon_weight * supcon(feats, ya, cfg.supcon_temperature)
-            if not torch.isfinite(loss):
-                raise TailforgeError(f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}",
+            loss_v = dd.mean(loss).item() if dd.world > 1 else loss.item()  # the same value on every rank
+            if not math.isfinite(loss_v):
+                raise TailforgeError(f"training loss became {loss_v} at epoch {epoch + 1}, step {step + 1}",
                                      "lower --lr, keep --clip-grad on, or turn off --amp")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -378,34 +512,40 @@ def fit(run: RunDir, cfg: TrainConfig, name: str, progress=None) -> Path:
             sched.step()
             if ema is not None:
                 ema.update(net)
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            if progress:
-                progress(epoch * steps + step + 1, total, {"epoch": epoch + 1, "loss": round(loss.item(), 4),
+            seen += len(idx) * dd.world
+            loss_sum += loss_v * len(idx) * dd.world
+            if progress and dd.main:
+                progress(epoch * steps + step + 1, total, {"epoch": epoch + 1, "loss": round(loss_v, 4),
                                                            "lr": sched.get_last_lr()[0]})
         train_s = time.perf_counter() - t0
-        judged = ema.module if ema is not None else net
-        vlog = task.val_logits(judged)
-        vpred = vlog.argmax(1)
-        rec = {"epoch": epoch + 1, "train_loss": round(loss_sum / max(seen, 1), 6), "lr": sched.get_last_lr()[0],
-               "val_balanced_acc": round(balanced_accuracy(val_y, vpred), 6),
-               "val_top1": round(float((vpred == val_y).mean()), 6), "images_per_s": round(seen / train_s, 1),
-               "time_s": round(train_s, 3)}
-        state["log"].append(rec)
-        if rec["val_balanced_acc"] > state["best"]["val_balanced_acc"]:
-            state["best"] = {"epoch": epoch + 1, "val_balanced_acc": rec["val_balanced_acc"],
-                             "val_top1": rec["val_top1"], "split": "val"}
-            state["best_weights"] = {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}
-        state["epoch"] = epoch + 1
-        _save_state(work, ident, net, opt, sched, ema, state)
-        if progress:
-            progress((epoch + 1) * steps, total, {"event": "epoch", **rec})
+        if dd.main:  # validation, model selection and the saved state are rank 0's; the others wait
+            judged = ema.module if ema is not None else net
+            vlog = task.val_logits(judged)
+            vpred = vlog.argmax(1)
+            rec = {"epoch": epoch + 1, "train_loss": round(loss_sum / max(seen, 1), 6),
+                   "lr": sched.get_last_lr()[0], "val_balanced_acc": round(balanced_accuracy(val_y, vpred), 6),
+                   "val_top1": round(float((vpred == val_y).mean()), 6), "images_per_s": round(seen / train_s, 1),
+                   "time_s": round(train_s, 3)}
+            state["log"].append(rec)
+            if rec["val_balanced_acc"] > state["best"]["val_balanced_acc"]:
+                state["best"] = {"epoch": epoch + 1, "val_balanced_acc": rec["val_balanced_acc"],
+                                 "val_top1": rec["val_top1"], "split": "val"}
+                state["best_weights"] = {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}
+            state["epoch"] = epoch + 1
+            _save_state(work, ident, net, opt, sched, ema, state)
+            if progress:
+                progress((epoch + 1) * steps, total, {"event": "epoch", **rec})
+        dd.barrier()
 
-    net.load_state_dict(state["best_weights"])
-    meta.update({"images_per_s": state["log"][-1]["images_per_s"] if state["log"] else None,
-                 "device": str(dev), "best_epoch": state["best"]["epoch"]})
-    _write_model(final, model, cfg, meta, state)
-    shutil.rmtree(work, ignore_errors=True)
+    if dd.main:
+        net.load_state_dict(state["best_weights"])
+        meta.update({"images_per_s": state["log"][-1]["images_per_s"] if state["log"] else None,
+                     "device": str(dev), "best_epoch": state["best"]["epoch"]})
+        if dd.world > 1:
+            meta["ddp_world_size"] = dd.world
+        _write_model(final, model, cfg, meta, state)
+        shutil.rmtree(work, ignore_errors=True)
+    dd.barrier()  # the model folder is complete before any rank returns it
     return final
 
 
@@ -437,4 +577,4 @@ def _write_model(final: Path, model, cfg: TrainConfig, meta: dict, state: dict) 
         write_json(tmp / "best.json", state["best"])
 
 
-__all__ = ["fit", "training_table", "build_from_meta"]
+__all__ = ["fit", "finished", "training_table", "build_from_meta", "init_distributed", "dist_env"]
