@@ -15,7 +15,9 @@ def add_parser(sub) -> None:
         description="Train a classifier on the run's train split (plus accepted synthetic samples with "
         "--synthetic filtered), select the epoch by balanced accuracy on the val split, and write "
         "models/<name>/ (model.safetensors, config.json, log.jsonl, best.json). An interrupted training "
-        "resumes from its last finished epoch when the same command is run again.",
+        "resumes from its last finished epoch when the same command is run again. With more than one visible GPU "
+        "training runs under torchrun, one DDP process per GPU (--ddp off: one process; --nproc N with "
+        "--device cpu: N CPU processes); --batch-size is the global batch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_run_arg(p)
@@ -34,7 +36,7 @@ def default_name(cfg: TrainConfig) -> str:
 
 def run(args) -> int:
     from data import RunDir
-    from train import fit
+    from train import launch_fit
     from train.trainer import check_names
 
     cfg_file = load_yaml(args.config)
@@ -44,7 +46,7 @@ def run(args) -> int:
     check_names(cfg)  # before the progress bar opens
     con = console()
     with _bar(cfg) as progress:
-        path = fit(RunDir(args.run), cfg, name, progress=progress)
+        path = launch_fit(RunDir(args.run), cfg, name, progress=progress)  # torchrun/DDP on >1 GPU
     from data.atomic import read_json
 
     best = read_json(path / "best.json")

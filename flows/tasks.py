@@ -369,7 +369,11 @@ def publish_filter(run: RunDir) -> None:
 
 @task(name="train", cache_policy=NONE, task_run_name="train {name}")
 def train_task(run: str, train_cfg, name: str, upstream: str = "") -> str:
-    """Train one classifier (``models/<name>/``) with a progress artifact; DDP via torchrun on >1 GPU."""
+    """Train one classifier (``models/<name>/``) with a progress artifact.
+
+    ``train.launch_fit``: with more than one visible GPU (or ``train.nproc`` > 1) it runs torchrun with one
+    DDP process per GPU and relays rank 0's progress here; otherwise it trains in this process.
+    """
     import train
 
     r = RunDir(run)
@@ -381,7 +385,7 @@ def train_task(run: str, train_cfg, name: str, upstream: str = "") -> str:
     if is_done(r, f"train-{name}", key, [out / "model.safetensors"]):
         return cached(f"train {name}", r, str(out))
     prog = ProgressArtifact(artifact_key(r, f"train-{name}"), f"training {name}")
-    path = train.fit(r, train_cfg, name, progress=prog)
+    path = train.launch_fit(r, train_cfg, name, progress=prog)
     mark_done(r, f"train-{name}", key)
     publish_training(r, name)
     return str(path)
