@@ -37,7 +37,7 @@ class TrainConfig(BaseModel):
     la_tau: float = Field(1.0, ge=0, description="logit_adjust: temperature tau of the log-prior (Menon et al. 2021)")
     ldam_max_margin: float = Field(0.5, gt=0, description="ldam: the largest class margin (rarest class)")
     drw_epoch: Union[int, None] = Field(None, ge=0, description="ldam_drw: epoch at which deferred re-weighting starts "
-                                        "(default: 80% of epochs)")
+                                        "(default: half the epochs; see train.losses.drw_start)")
     margin: Union[float, None] = Field(None, ge=0, description="arcface/cosface additive margin (defaults 0.3 / 0.35), "
                                        "sphereface multiplicative margin (default 1.5)")
     scale: float = Field(16.0, gt=0, description="logit scale s of normalized (cosine) heads: ldam, arcface, cosface, "
@@ -114,4 +114,8 @@ class TrainConfig(BaseModel):
         d = self.model_dump(mode="json")
         for k in ("resume", "overwrite", "device", "eval_batch_size", "ddp", "nproc"):
             d.pop(k, None)
+        if self.loss == "ldam_drw":  # the resolved default, so a changed default is not served from disk
+            from .losses import drw_start
+
+            d["drw_epoch"] = drw_start(self)
         return d
