@@ -37,6 +37,9 @@ def pick_device(device: str | None) -> str:
     import torch
 
     if device:
+        from train.checkpoint import resolve_device
+
+        resolve_device(device)  # an unknown name or a missing GPU: one clear error, not a torch traceback
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -5,7 +5,7 @@ import argparse
 import ipaddress
 import socket
 
-from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml
+from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
 
 
 def add_parser(sub) -> None:
@@ -30,9 +30,13 @@ def run(args) -> int:
 
     from .serve import ServeConfig, create_app
 
-    cfg = build(ServeConfig, load_yaml(args.config).get("serve", {}), given(args, ServeConfig), what="serve config")
+    cfg = build(ServeConfig, section(load_yaml(args.config), "serve", source=args.config), given(args, ServeConfig),
+                what="serve config")
     if not args.run.is_dir():
         raise TailforgeError(f"run folder {args.run} does not exist", "pass the --run folder of a measured run")
+    from train.checkpoint import resolve_device
+
+    resolve_device(cfg.device)  # a bad --device: one line now, not a traceback at the first prediction
     app = create_app(args.run, cfg)
     sock = bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]

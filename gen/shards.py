@@ -203,6 +203,10 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TailforgeError(f"unknown device '{device}'", "pass --device auto, cpu, cuda or cuda:N") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TailforgeError(f"device '{device}' asked for, but no CUDA GPU is available", "pass --device cpu")
     return device

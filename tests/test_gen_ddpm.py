@@ -164,3 +164,11 @@ def test_parallel_shard_workers_train_the_model_once(planned, monkeypatch):
         t.join()
     assert not errors and len(calls) == 1
     assert len(pd.read_parquet(planned.candidates)) == read_json(planned.plan)["total"]
+
+
+def test_unknown_device_is_one_clear_error_before_any_work(planned):
+    from data import TailforgeError
+
+    with pytest.raises(TailforgeError, match=r"unknown device 'banana'.*--device auto, cpu"):
+        generate(planned, tiny_cfg().model_copy(update={"device": "banana"}))
+    assert not planned.candidates.exists() and not planned.synthetic("ddpm").exists()

@@ -256,6 +256,9 @@ def test_bad_input(digits_run_copy, tmp_path):
                               ("model", "resnet33", "resnet32")):
         with pytest.raises(TailforgeError, match=f"unknown {field} '{bad}'.*{valid}"):
             train.fit(run, train.TrainConfig(**{**FAST, field: bad}), "x")
+    with pytest.raises(TailforgeError, match=r"unknown device 'banana'.*--device auto, cpu"):
+        train.fit(run, train.TrainConfig(**{**FAST, "device": "banana"}), "dev")
+    assert not run.model_dir("dev").exists()
     with pytest.raises(TailforgeError, match="epoch 1"):
         train.fit(run, train.TrainConfig(**{**FAST, "lr": 1e30, "clip_grad": None}), "nan")
     assert not run.model_dir("nan").exists()

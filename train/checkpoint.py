@@ -21,7 +21,10 @@ from .models import Classifier, create_model
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TailforgeError(f"unknown device '{device}'", "pass --device auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TailforgeError(f"device {device} asked for but no CUDA GPU is available", "use --device cpu or auto")
     return dev
