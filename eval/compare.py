@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from data.atomic import read_json, write_json, write_text
-from data.errors import TailforgeError
+from data.errors import TailforgeError, unknown_name
 from data.run import RunDir
 
 from .config import CompareConfig
@@ -76,6 +76,11 @@ def compare(items, names=None, *, baseline: str | None = None, split: str | None
             raise TailforgeError("model names can only be given with one run folder", "pass RUN:MODEL specs instead")
         items = [f"{items[0]}:{n}" for n in names]
     evals = _collect(items, cfg.split)
+    known = {k for e in evals for k, v in e.items()
+             if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
+    for m in cfg.metrics:
+        if m not in known:
+            raise unknown_name("metric", m, known)
     runs = sorted({Path(e["run"]).name for e in evals})
     methods: dict[str, list[dict]] = {}
     for e in evals:
@@ -136,6 +141,8 @@ def to_markdown(result: dict) -> str:
             continue
         cells = [f"{row['delta'][m]:+.4f}" if row["delta"][m] is not None else "–" for m in ms]
         delta.append(f"| {label} | " + " | ".join(cells) + " |")
+    if len(result["methods"]) == 1:  # an empty delta table would read as "no difference"
+        delta = ["\n(one method only: no deltas; pass another model, run or eval JSON to compare against)"]
     note = ("\n(ece: lower is better; many/medium/few: mean per-class accuracy of the group's classes; "
             "every number comes from the split named above.)\n")
     return head + "\n".join(lines) + "\n" + "\n".join(delta) + "\n" + note

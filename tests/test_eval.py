@@ -11,6 +11,7 @@ import torch
 import train
 from data import RunDir, TailforgeError, load_images, read_manifest
 from eval import compare, evaluate
+from eval.config import CompareConfig
 from eval.metrics import compute
 from flows.cli import main
 
@@ -64,6 +65,12 @@ def test_compare_mean_std_and_deltas(run3):
     assert json.loads((run3.eval_dir / "compare.json").read_text())["baseline"] == "ce"
     with pytest.raises(TailforgeError, match="baseline 'nope'"):
         compare(run3, baseline="nope")
+    with pytest.raises(TailforgeError, match=r"unknown metric 'balanced_ac'.*did you mean 'balanced_acc'"):
+        compare(run3, cfg=CompareConfig(metrics=["top1", "balanced_ac"]))
+    # one method: no empty delta table that reads as "no difference"
+    one = compare([f"{run3.root}:ce-s0", f"{run3.root}:ce-s1"])
+    assert list(one["methods"]) == ["ce"] and "Deltas" not in one["markdown"]
+    assert "one method only" in one["markdown"]
 
 
 def test_cli_eval_compare_train(run3, capsys, tmp_path):
