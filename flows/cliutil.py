@@ -94,6 +94,9 @@ def build(model: type[BaseModel], *layers: dict[str, Any], what: str | None = No
     """Validate ``model`` from dict layers (later ones win) with a one-line error on failure."""
     merged: dict[str, Any] = {}
     for layer in layers:
+        if layer is not None and not isinstance(layer, dict):
+            raise TailforgeError(f"{what or model.__name__} must be a mapping of keys to values, "
+                                 f"got {type(layer).__name__}", "write it as indented `key: value` lines")
         merged.update({k: v for k, v in (layer or {}).items()})
     check_keys(model, merged, what or model.__name__)
     try:
@@ -139,6 +142,42 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
         raise TailforgeError(f"config file {path} must hold a mapping of keys to values",
                              "write it as `key: value` lines")
     return data
+
+
+def section(data: dict[str, Any], *names: str, source: str | Path | None = None,
+            top_level: bool = False) -> dict[str, Any]:
+    """The part of a stage's ``--config`` file for that stage: the first of ``names`` present.
+
+    The file may be a whole run config (``config.yaml`` of a run folder): the other sections are ignored,
+    but a key that is no section at all (a typo such as ``dta:``) is an error, and so is a section that
+    is not a mapping. ``top_level``: a file with none of ``names`` holds the stage's keys directly.
+    """
+    where = f"config file {source}" if source else "the config file"
+    from .config import RunConfig  # here: flows.config imports this module
+
+    present = [n for n in names if n in data]
+    if not present and top_level and not set(data) <= set(RunConfig.model_fields):
+        for key, value in data.items():  # `trian:` holding a mapping is a misspelt section, not a stage key
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.7)
+            if close and isinstance(value, dict):
+                raise TailforgeError(f"unknown section '{key}' in {where}", f"did you mean '{close[0]}'?")
+        return data
+    valid = list(RunConfig.model_fields) + [n for n in names if n not in RunConfig.model_fields]
+    for key in data:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = (f"did you mean '{close[0]}'? " if close else "") + "sections: " + ", ".join(valid)
+            raise TailforgeError(f"unknown section '{key}' in {where}", hint)
+    if not present:
+        return {}
+    value = data[present[0]]
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TailforgeError(f"section '{present[0]}' of {where} must be a mapping of keys to values, "
+                             f"got {type(value).__name__}", f"write it as `{present[0]}:` followed by indented "
+                             "`key: value` lines")
+    return value
 
 
 def add_run_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:

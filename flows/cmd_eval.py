@@ -5,7 +5,7 @@ import argparse
 
 from eval.config import CompareConfig, EvalConfig
 
-from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml
+from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
 
 
 def add_parser(sub) -> None:
@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     )
     add_run_arg(p)
     p.add_argument("--model-name", required=True, metavar="NAME", help="model folder under models/ (see `ls RUN/models`)")
-    p.add_argument("--config", metavar="YAML", help="YAML file with an `eval:` section")
+    p.add_argument("--config", metavar="YAML", help="YAML file with an `evaluate:` (or `eval:`) section")
     add_model_args(p, EvalConfig, group="evaluation")
     p.set_defaults(func=run_eval)
 
@@ -42,7 +42,9 @@ def run_eval(args) -> int:
     from data import RunDir
     from eval import evaluate
 
-    cfg = build(EvalConfig, load_yaml(args.config).get("eval", {}), given(args, EvalConfig), what="eval config")
+    # `evaluate:` is the section's name in a run config (config.yaml); `eval:` is accepted too
+    cfg = build(EvalConfig, section(load_yaml(args.config), "eval", "evaluate", source=args.config),
+                given(args, EvalConfig), what="eval config")
     res = evaluate(RunDir(args.run), args.model_name, cfg.split, cfg)
     con = console()
     keys = ("top1", "top5", "balanced_acc", "many", "medium", "few", "macro_f1", "weighted_f1", "mcc", "kappa", "ece")
@@ -56,8 +58,8 @@ def run_eval(args) -> int:
 def run_compare(args) -> int:
     from eval import compare
 
-    cfg = build(CompareConfig, load_yaml(args.config).get("compare", {}), given(args, CompareConfig),
-                what="compare config")
+    cfg = build(CompareConfig, section(load_yaml(args.config), "compare", source=args.config),
+                given(args, CompareConfig), what="compare config")
     res = compare(args.items, cfg=cfg, out_dir=args.out)
     console().print(res["markdown"], markup=False)
     console().print("wrote " + ", ".join(res["written"]))

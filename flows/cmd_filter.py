@@ -5,7 +5,7 @@ import argparse
 
 from eval.filter import FilterConfig
 
-from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml
+from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
 
 
 def add_parser(sub) -> None:
@@ -32,8 +32,8 @@ def run(args) -> int:
     from eval.filter import filter_candidates
 
     cfg_file = load_yaml(args.config)
-    section = cfg_file.get("filter", cfg_file if "filter" not in cfg_file and cfg_file else {})
-    cfg = build(FilterConfig, section, given(args, FilterConfig), what="filter config")
+    part = section(cfg_file, "filter", source=args.config, top_level=True)
+    cfg = build(FilterConfig, part, given(args, FilterConfig), what="filter config")
     run_dir = RunDir(args.run)
     con = console()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from data.errors import TailforgeError
 from gen.config import DDPMOptions, FeatDictOptions, GenerateConfig, SDOptions
 
-from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml
+from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
 
 OPTION_MODELS = (("ddpm", DDPMOptions), ("featdict", FeatDictOptions), ("sd", SDOptions))
 
@@ -29,12 +30,17 @@ def add_parser(sub) -> None:
 
 
 def make_config(args) -> GenerateConfig:
-    section = dict(load_yaml(args.config).get("generate", {}))
+    part = dict(section(load_yaml(args.config), "generate", source=args.config))
     for name, model in OPTION_MODELS:
         opts = given(args, model)
         if opts:
-            section[name] = {**section.get(name, {}), **opts}
-    return build(GenerateConfig, section, given(args, GenerateConfig), what="generate config")
+            mine = part.get(name) or {}
+            if not isinstance(mine, dict):
+                raise TailforgeError(f"generate.{name} in config file {args.config} must be a mapping of keys to "
+                                     f"values, got {type(mine).__name__}", f"write `{name}:` followed by indented "
+                                     "`key: value` lines")
+            part[name] = {**mine, **opts}
+    return build(GenerateConfig, part, given(args, GenerateConfig), what="generate config")
 
 
 def run(args) -> int:

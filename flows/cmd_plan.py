@@ -5,7 +5,7 @@ import argparse
 
 from gen.config import PlanConfig
 
-from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml
+from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
 
 
 def add_parser(sub) -> None:
@@ -24,7 +24,8 @@ def run(args) -> int:
     from data import RunDir
     from gen import plan_run
 
-    cfg = build(PlanConfig, load_yaml(args.config).get("plan", {}), given(args, PlanConfig), what="plan config")
+    cfg = build(PlanConfig, section(load_yaml(args.config), "plan", source=args.config), given(args, PlanConfig),
+                what="plan config")
     r = RunDir(args.run)
     print_plan(plan_run(r, cfg), r)
     return 0

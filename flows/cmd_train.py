@@ -5,7 +5,7 @@ import argparse
 
 from train.config import TrainConfig
 
-from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml
+from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
 
 
 def add_parser(sub) -> None:
@@ -40,8 +40,8 @@ def run(args) -> int:
     from train.trainer import check_names
 
     cfg_file = load_yaml(args.config)
-    section = cfg_file.get("train", cfg_file if "train" not in cfg_file and cfg_file else {})
-    cfg = build(TrainConfig, section, given(args, TrainConfig), what="train config")
+    part = section(cfg_file, "train", source=args.config, top_level=True)
+    cfg = build(TrainConfig, part, given(args, TrainConfig), what="train config")
     name = args.name or default_name(cfg)
     check_names(cfg)  # before the progress bar opens
     con = console()

@@ -151,7 +151,11 @@ def parse_set(items: list[str] | None) -> dict:
         key, eq, text = item.partition("=")
         if not eq or not key.strip():
             raise TailforgeError(f"--set '{item}' is not of the form key.path=value", "write e.g. --set train.epochs=3")
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise TailforgeError(f"--set '{item}': the value is not valid YAML",
+                                 "quote it, e.g. --set 'generate.sd.sd_prompt=\"a photo: a {class}\"'") from None
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:

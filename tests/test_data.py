@@ -240,3 +240,11 @@ def test_yaml_config_unknown_key(tmp_path, capsys):
     cfg.write_text("data:\n  dataset: digits\n  imbalence: 10\n")
     assert main(["measure", "--run", str(tmp_path / "r"), "--config", str(cfg)]) == 2
     assert "did you mean 'imbalance'" in capsys.readouterr().err
+    # a misspelt section is not silently ignored, and a section must be a mapping (not a traceback)
+    for text, words in (("dta:\n  dataset: digits\n", ("unknown section 'dta'", "did you mean 'data'")),
+                        ("data: 5\n", ("section 'data'", "must be a mapping"))):
+        cfg.write_text(text)
+        assert main(["measure", "--run", str(tmp_path / "r"), "--config", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in words) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()

@@ -79,6 +79,13 @@ def test_cli_eval_compare_train(run3, capsys, tmp_path):
     assert res["split"] == "val" and res["plots"] == []
     assert main(["compare", str(run3.root), "--split", "val", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "report.md").exists()
+    # a run's own config.yaml names the section `evaluate:`; it is read, not ignored
+    (tmp_path / "run.yaml").write_text("data:\n  dataset: digits\nevaluate:\n  split: train\n  plots: false\n")
+    assert main(["eval", "--run", str(run3.root), "--model-name", "bs-s0", "--config",
+                 str(tmp_path / "run.yaml")]) == 0
+    assert json.loads((run3.eval_dir / "bs-s0-train.json").read_text())["split"] == "train"
+    assert main(["eval", "--run", str(run3.root), "--model-name", "bs-s0", "--device", "banana"]) == 2
+    assert "unknown device 'banana'" in capsys.readouterr().err
     assert main(["eval", "--run", str(run3.root), "--model-name", "missing"]) == 2
     assert main(["train", "--run", str(run3.root), "--loss", "focl"]) == 2
     err = capsys.readouterr().err
@@ -88,3 +95,6 @@ def test_cli_eval_compare_train(run3, capsys, tmp_path):
     assert main(["train", "--run", str(run3.root), "--config", str(cfg), "--name", "yaml-s0", "--lr", "0.02"]) == 0
     saved = json.loads((run3.model_dir("yaml-s0") / "config.json").read_text())["train"]
     assert saved["epochs"] == 1 and saved["lr"] == 0.02 and saved["width"] == 8
+    cfg.write_text("trian:\n  epochs: 1\n")  # a misspelt section is named, not read as train keys
+    assert main(["train", "--run", str(run3.root), "--config", str(cfg), "--name", "typo"]) == 2
+    assert "unknown section 'trian'" in capsys.readouterr().err and not run3.model_dir("typo").exists()

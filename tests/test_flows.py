@@ -215,6 +215,8 @@ def test_unknown_keys_name_the_nearest_valid_key(tmp_path):
         load_config(None, parse_set(["train.epoch=3"]))
     with pytest.raises(TailforgeError, match="key.path=value"):
         parse_set(["train.epochs"])
+    with pytest.raises(TailforgeError, match=r"--set 'train\.epochs=\[': the value is not valid YAML.*quote it"):
+        parse_set(["train.epochs=["])
     with pytest.raises(TailforgeError, match=r"data\.imbalance.*>= 1"):
         load_config(None, {"data": {"imbalance": 0.5}})
 
