@@ -1,6 +1,7 @@
 """The data stage: datasets, long-tail construction, splits, manifests, measure, bad input."""
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -248,3 +249,23 @@ def test_yaml_config_unknown_key(tmp_path, capsys):
         err = capsys.readouterr().err
         assert all(w in err for w in words) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_atomic_outputs_get_the_mode_of_a_plain_write(tmp_path):
+    """mkstemp/mkdtemp make 0600 files and 0700 folders: outputs must not be private to the writer."""
+    import os
+    import stat
+
+    from data.atomic import atomic_dir, write_json
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    out = write_json(tmp_path / "out.json", {"a": 1})
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~mask
+    with atomic_dir(tmp_path / "shard") as d:
+        (d / "f.png").write_bytes(b"1")
+    (tmp_path / "plain_dir").mkdir()
+    assert stat.S_IMODE((tmp_path / "shard").stat().st_mode) == stat.S_IMODE((tmp_path / "plain_dir").stat().st_mode)
+    assert json.loads(out.read_text()) == {"a": 1} and not list(tmp_path.glob(".tmp-*"))
