@@ -13,6 +13,9 @@ class RunDir:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise TailforgeError(f"run folder {self.root} is a file, not a folder",
+                                 "pass a folder to --run (a new name creates it)")
 
     def __repr__(self) -> str:  # pragma: no cover
         return f"RunDir({str(self.root)!r})"

@@ -152,6 +152,9 @@ def default_classifier(run: RunDir) -> str:
 
 
 def _missing(path: str | None, what: str, option: str) -> TailforgeError:
+    if not path:
+        return TailforgeError(f"the {what} embedder needs local weights, and {option.split()[0]} is not set",
+                              f"pass a local folder or file with {option} (no download happens offline)")
     return TailforgeError(f"{what} embedder weights not found at {path!r}",
                           f"pass a local folder or file with {option} (no download happens offline)")
 

@@ -269,3 +269,11 @@ def test_atomic_outputs_get_the_mode_of_a_plain_write(tmp_path):
     (tmp_path / "plain_dir").mkdir()
     assert stat.S_IMODE((tmp_path / "shard").stat().st_mode) == stat.S_IMODE((tmp_path / "plain_dir").stat().st_mode)
     assert json.loads(out.read_text()) == {"a": 1} and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_run_folder_that_is_a_file_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a run")
+    assert main(["measure", "--run", str(tmp_path / "afile"), "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "run folder" in err and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "afile").read_text() == "not a run"

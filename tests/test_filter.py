@@ -196,6 +196,8 @@ def test_empty_class_is_a_warning_and_bad_input_is_a_clear_error(planted_copy):
     write_manifest(only_wrong, run.candidates)
     with pytest.raises(TailforgeError, match="embedder weights not found"):
         filter_candidates(run, FilterConfig(embedder="timm", embedder_path=str(run.root / "nowhere")))
+    with pytest.raises(TailforgeError, match="the clip embedder needs local weights, and --embedder-path is not set"):
+        filter_candidates(run, FilterConfig(embedder="clip"))
     rng = np.random.default_rng(0)
     with pytest.raises(TailforgeError, match="dimension 16 but the real ones 8"):
         score_arrays(rng.normal(size=(20, 8)), np.arange(20) % 2, rng.normal(size=(5, 16)), np.zeros(5), {0: 5},
