@@ -126,10 +126,18 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     path = Path(path)
+    if path.is_dir():
+        raise TailforgeError(f"config file {path} is a folder", "pass a YAML file to --config")
     if not path.is_file():
         raise TailforgeError(f"config file {path} does not exist", "pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TailforgeError(f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})",
+                             "pass a YAML text file saved as UTF-8") from None
+    except OSError as exc:
+        raise TailforgeError(f"cannot read config file {path} ({exc.strerror})",
+                             "check its permissions, or pass another file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -231,6 +231,12 @@ def test_cli_bad_yaml_is_one_line_and_writes_nothing(tmp_path, capsys):
     bad.write_text("- just\n- a list\n")
     assert main(["run", "--config", str(bad), "--run", str(run)]) == 2
     assert "mapping" in capsys.readouterr().err
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n")  # a binary file passed by mistake
+    assert main(["run", "--config", str(bad), "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "is not UTF-8 text" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["run", "--config", str(tmp_path), "--run", str(run)]) == 2
+    assert "is a folder" in capsys.readouterr().err
     assert not run.exists()
 
 
