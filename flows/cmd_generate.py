@@ -69,6 +69,12 @@ def run(args) -> int:
     con.print(f"{cfg.generator}: {len(mine):,} candidates "
               + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     con.print(f"wrote {r.candidates} ({len(df):,} rows, all generators)")
+    from gen.planner import Plan
+
+    planned = Plan.load(r).total
+    if len(mine) < planned:  # --shard i/n: the other workers' shards are not in yet
+        con.print(f"[yellow]note:[/] {len(mine):,} of the plan's {planned:,} {cfg.generator} samples are finished; "
+                  "run the other --shard workers (or this command without --shard) before `tailforge filter`")
     if args.grids and cfg.generator != "featdict" and len(mine):
         paths = write_sample_grids(r, cfg.generator)
         con.print(f"sample grids: {paths[0].parent}/ ({len(paths)} classes)")

@@ -172,3 +172,17 @@ def test_unknown_device_is_one_clear_error_before_any_work(planned):
     with pytest.raises(TailforgeError, match=r"unknown device 'banana'.*--device auto, cpu"):
         generate(planned, tiny_cfg().model_copy(update={"device": "banana"}))
     assert not planned.candidates.exists() and not planned.synthetic("ddpm").exists()
+
+
+def test_cli_shard_worker_says_the_plan_is_not_finished(planned, capsys):
+    from flows.cli import main
+
+    args = ["generate", "--run", str(planned.root), "--device", "cpu", "--shard-size", "4", "--batch-size", "8",
+            "--ddpm-preset", "tiny", "--ddpm-train-steps", "12", "--ddpm-sample-steps", "3", "--no-grids"]
+    assert main(args + ["--shard", "0/2"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    n = len(pd.read_parquet(planned.candidates))
+    assert 0 < n < 6 and f"{n} of the plan's 6 ddpm samples are finished" in out and "before `tailforge filter`" in out
+    assert main(args + ["--shard", "1/2"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert len(pd.read_parquet(planned.candidates)) == 6 and "note:" not in out
