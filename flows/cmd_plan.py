@@ -43,3 +43,6 @@ def print_plan(plan, run) -> None:
         t.add_row(str(q.label), q.class_name, str(q.have), str(q.target), str(q.need), str(q.generate))
     con.print(t)
     con.print(f"total to generate: {plan.total:,}; wrote {run.plan}")
+    if plan.total == 0:  # e.g. --classes many, or a fixed count below every class: later stages would do nothing
+        con.print("[yellow]note:[/] nothing to generate: every selected class already has its target "
+                  "(choose other --classes, a higher --count, or --target balance)")

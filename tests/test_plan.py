@@ -106,3 +106,7 @@ def test_plan_cli_writes_plan_json_and_rejects_bad_input(digits_run_copy, capsys
     err = capsys.readouterr().err
     assert "budget must be at least 1" in err and "unknown class 'seven'" in err and "Traceback" not in err
     assert run.plan.read_bytes() == before  # nothing written on bad input
+    capsys.readouterr()
+    assert main(["plan", "--run", str(run.root), "--classes", "many"]) == 0  # the head class needs nothing
+    out = " ".join(capsys.readouterr().out.split())
+    assert read_json(run.plan)["total"] == 0 and "note: nothing to generate" in out
