@@ -3,8 +3,9 @@
 1. starts ``prefect server start`` on 127.0.0.1 (a temporary PREFECT_HOME, analytics off),
 2. runs the default flow against it (``tailforge run`` with PREFECT_API_URL set; ``--quick`` uses
    tiny models so the check takes a minute instead of a few),
-3. takes headless-Chromium screenshots of the flow run page, its Artifacts tab and the comparison
-   report artifact (``bench/results/ui_*.png``; Debian's chromium is installed if missing),
+3. takes headless-Chromium screenshots of the flow run page, the artifacts list, and the comparison
+   report, class histogram and filter-grid artifacts (``bench/results/ui_*.png``; Debian's chromium
+   is installed if missing),
 4. stops the server.
 
     python bench/ui_check.py [--quick] [--out bench/results]
@@ -111,17 +112,21 @@ def main(argv=None) -> int:
         print(f"flow run {fr['name']} ({fr['id']}): {fr['state']['name']}")
         arts = api(f"{base}/api/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [fr["id"]]}}, "limit": 100})
         keys = sorted({a["key"] for a in arts if a.get("key")})
+        latest = {}  # key -> the newest version's id (an artifact's own page renders its content)
+        for a in sorted(arts, key=lambda a: a.get("created") or ""):
+            if a.get("key"):
+                latest[a["key"]] = a["id"]
         print(f"{len(arts)} artifacts: {', '.join(keys)}")
         exe = chromium()
         page = f"{base}/runs/flow-run/{fr['id']}"
         screenshot(exe, page, args.out / "ui_flow_run.png")
-        screenshot(exe, page + "?tab=Artifacts", args.out / "ui_flow_run_artifacts.png")
-        report = next((k for k in keys if k.endswith("-report")), None)
-        if report:
-            screenshot(exe, f"{base}/artifacts/key/{report}", args.out / "ui_report_artifact.png")
-        hist = next((k for k in keys if k.endswith("-histogram")), None)
-        if hist:
-            screenshot(exe, f"{base}/artifacts/key/{hist}", args.out / "ui_histogram_artifact.png")
+        screenshot(exe, f"{base}/artifacts", args.out / "ui_artifacts.png")
+        shots = {"report": "ui_report_artifact.png", "histogram": "ui_histogram_artifact.png",
+                 "filter-grids": "ui_filter_grids_artifact.png"}
+        for suffix, name in shots.items():
+            key = next((k for k in keys if k.endswith("-" + suffix)), None)
+            if key:
+                screenshot(exe, f"{base}/artifacts/artifact/{latest[key]}", args.out / name)
         (args.out / "ui_check.json").write_text(json.dumps(
             {"flow_run": fr["name"], "state": fr["state"]["name"], "artifacts": keys, "exit": res.returncode,
              "quick": args.quick}, indent=2) + "\n")
