@@ -3,7 +3,7 @@
 1. starts ``prefect server start`` on 127.0.0.1 (a temporary PREFECT_HOME, analytics off),
 2. runs the default flow against it (``tailforge run`` with PREFECT_API_URL set; ``--quick`` uses
    tiny models so the check takes a minute instead of a few),
-3. takes headless-Chromium screenshots of the flow run page, the artifacts list, and the comparison
+3. takes headless-Chromium screenshots of the flow run page, and the comparison
    report, class histogram and filter-grid artifacts (``bench/results/ui_*.png``; Debian's chromium
    is installed if missing),
 4. stops the server.
@@ -120,7 +120,6 @@ def main(argv=None) -> int:
         exe = chromium()
         page = f"{base}/runs/flow-run/{fr['id']}"
         screenshot(exe, page, args.out / "ui_flow_run.png")
-        screenshot(exe, f"{base}/artifacts", args.out / "ui_artifacts.png")
         shots = {"report": "ui_report_artifact.png", "histogram": "ui_histogram_artifact.png",
                  "filter-grids": "ui_filter_grids_artifact.png"}
         for suffix, name in shots.items():
