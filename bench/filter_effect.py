@@ -98,6 +98,7 @@ def ddpm_candidates(run: RunDir, args) -> pd.DataFrame:
 
 
 NAMES = ("baseline", "all-candidates", "filtered", "random-same-count")
+REWEIGHT = "real-only-balanced-softmax"  # --reweight-arm: no synthetic data, a re-balancing loss instead
 SYNTHETIC = {"baseline": "none", "all-candidates": "candidates", "filtered": "filtered",
              "random-same-count": "filtered"}
 
@@ -145,6 +146,8 @@ def main() -> None:
                     help="FilterConfig overrides, e.g. consistency=prototype (a variant: use with --tag)")
     ap.add_argument("--embedder-loss", default=None, help="train the filter's embedder (real only, first seed) "
                     "with this loss instead of using the CE baseline, e.g. balanced_softmax")
+    ap.add_argument("--reweight-arm", action="store_true", help="also train real only with balanced softmax: "
+                    "does synthetic data beat re-weighting the real data?")
     ap.add_argument("--tag", default="", help="variant name: the filtered models and results files carry it; "
                     "baseline and all-candidates models are reused")
     ap.add_argument("--out", default=None, help="results stem (default: bench/results/filter_effect_<source>)")
@@ -184,11 +187,14 @@ def main() -> None:
     filtered = filter_candidates(run, FilterConfig(model=embedder, **overrides))
     topped = sorted({int(c["label"]) for c in read_json(run.plan)["classes"] if c["generate"]})
 
-    results: dict[str, list[dict]] = {f"{n}/{sp}": [] for n in NAMES for sp in ("val", "test")}
+    names = NAMES + ((REWEIGHT,) if args.reweight_arm else ())
+    results: dict[str, list[dict]] = {f"{n}/{sp}": [] for n in names for sp in ("val", "test")}
     for seed in args.seeds:
-        for name in NAMES:
+        for name in names:
             model = f"{name}{tag if name in ('filtered', 'random-same-count') else ''}-s{seed}"
-            if name == "random-same-count":
+            if name == REWEIGHT:
+                train.fit(run, train.TrainConfig(**cfg, seed=seed, loss="balanced_softmax"), model)
+            elif name == "random-same-count":
                 with random_selection(run, filtered, seed):
                     train.fit(run, train.TrainConfig(**cfg, seed=seed, synthetic="filtered"), model)
             else:
@@ -220,7 +226,7 @@ def main() -> None:
              "TEST split, accuracies in %, mean ± std over seeds (val numbers in the JSON).", "",
              "| training data | balanced acc | topped-up classes | few-shot | medium | many | top-1 |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in NAMES:
+    for name in names:
         lines.append(f"| {name} | " + " | ".join(ms(name, k) for k in ("balanced_acc", "synth_classes", "few",
                                                                           "medium", "many", "top1")) + " |")
     lines += ["", "random-same-count: as many candidates per class as the filter accepted, picked at random "
