@@ -66,4 +66,24 @@ def run(args) -> int:
         print(f"  {name} ({cfg.eval_split} split): " + ", ".join(parts))
     if out.get("report"):
         print(f"report: {out['report']}")
+    _quiet_shutdown()
     return 0
+
+
+def _quiet_shutdown() -> None:
+    """Let the run's events reach the API, then keep the ephemeral server's teardown quiet.
+
+    A fast (fully cached) run can end while the temporary server's task-run recorder still holds
+    events; its cancellation at exit would print asyncio tracebacks after the results.
+    """
+    import logging
+
+    try:
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=10)
+    except Exception:  # noqa: BLE001 - best effort: the results are already written and printed
+        pass
+    time.sleep(1.0)
+    for name in ("prefect.server", "prefect._internal.concurrency", "prefect.events"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
