@@ -68,3 +68,14 @@ def make_image_tree(root: Path, counts: dict[str, int], size=(24, 20), seed=0) -
             arr = np.clip(base + noise, 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(d / f"{i:04d}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: on the shared 2-core machine two threads run ~20x slower (they fight other jobs)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -61,12 +61,7 @@ if os.environ.get("LOCAL_RANK") is not None and os.environ.get("TF_TEST_TRACE"):
 '''
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -15,13 +15,7 @@ from train.losses import LOSSES, build_loss
 from train.models import create_model
 from train.samplers import SAMPLERS, epoch_indices
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on the shared 2-core machine two threads run ~20x slower (they fight other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 FAST = dict(model="tiny", width=8, epochs=3, batch_size=64, lr=0.05, hflip=False, eval_batch_size=512)
