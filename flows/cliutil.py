@@ -105,6 +105,15 @@ def build(model: type[BaseModel], *layers: dict[str, Any], what: str | None = No
         raise validation_error(exc, what or model.__name__) from None
 
 
+def stage_config(args: argparse.Namespace, model: type[BaseModel], *names: str, top_level: bool = False,
+                 prefix: str = "", file: dict[str, Any] | None = None):
+    """A stage's config: its section (the first of ``names``) of the ``--config`` file, under the options
+    given on the command line. ``file``: the already loaded ``--config`` file (a command with two sections)."""
+    data = load_yaml(args.config) if file is None else file
+    return build(model, section(data, *names, source=args.config, top_level=top_level),
+                 given(args, model, prefix=prefix), what=f"{names[0]} config")
+
+
 def check_keys(model: type[BaseModel], data: dict, what: str) -> None:
     valid = list(model.model_fields)
     for key in data:

@@ -5,7 +5,7 @@ import argparse
 
 from eval.config import CompareConfig, EvalConfig
 
-from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
+from .cliutil import add_model_args, add_run_arg, console, stage_config
 
 
 def add_parser(sub) -> None:
@@ -43,8 +43,7 @@ def run_eval(args) -> int:
     from eval import evaluate
 
     # `evaluate:` is the section's name in a run config (config.yaml); `eval:` is accepted too
-    cfg = build(EvalConfig, section(load_yaml(args.config), "eval", "evaluate", source=args.config),
-                given(args, EvalConfig), what="eval config")
+    cfg = stage_config(args, EvalConfig, "eval", "evaluate")
     res = evaluate(RunDir(args.run), args.model_name, cfg.split, cfg)
     con = console()
     keys = ("top1", "top5", "balanced_acc", "many", "medium", "few", "macro_f1", "weighted_f1", "mcc", "kappa", "ece")
@@ -58,8 +57,7 @@ def run_eval(args) -> int:
 def run_compare(args) -> int:
     from eval import compare
 
-    cfg = build(CompareConfig, section(load_yaml(args.config), "compare", source=args.config),
-                given(args, CompareConfig), what="compare config")
+    cfg = stage_config(args, CompareConfig, "compare")
     res = compare(args.items, cfg=cfg, out_dir=args.out)
     console().print(res["markdown"], markup=False)
     console().print("wrote " + ", ".join(res["written"]))

@@ -5,7 +5,7 @@ import argparse
 
 from eval.filter import FilterConfig
 
-from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
+from .cliutil import add_model_args, add_run_arg, console, stage_config
 
 
 def add_parser(sub) -> None:
@@ -31,9 +31,7 @@ def run(args) -> int:
     from data.atomic import read_json
     from eval.filter import filter_candidates
 
-    cfg_file = load_yaml(args.config)
-    part = section(cfg_file, "filter", source=args.config, top_level=True)
-    cfg = build(FilterConfig, part, given(args, FilterConfig), what="filter config")
+    cfg = stage_config(args, FilterConfig, "filter", top_level=True)
     run_dir = RunDir(args.run)
     con = console()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from data.config import DataConfig, MeasureConfig
 
-from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
+from .cliutil import add_model_args, add_run_arg, console, load_yaml, stage_config
 
 
 def add_parser(sub) -> None:
@@ -24,10 +24,8 @@ def run(args) -> int:
     from data import RunDir, build_manifest, measure_run
 
     cfg_file = load_yaml(args.config)
-    data_cfg = build(DataConfig, section(cfg_file, "data", source=args.config), given(args, DataConfig),
-                     what="data config")
-    m_cfg = build(MeasureConfig, section(cfg_file, "measure", source=args.config),
-                  given(args, MeasureConfig, prefix="group_"), what="measure config")
+    data_cfg = stage_config(args, DataConfig, "data", file=cfg_file)
+    m_cfg = stage_config(args, MeasureConfig, "measure", prefix="group_", file=cfg_file)
     run_dir = RunDir(args.run)
     build_manifest(data_cfg, run_dir)
     stats = measure_run(run_dir, m_cfg)

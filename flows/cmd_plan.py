@@ -5,7 +5,7 @@ import argparse
 
 from gen.config import PlanConfig
 
-from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
+from .cliutil import add_model_args, add_run_arg, console, stage_config
 
 
 def add_parser(sub) -> None:
@@ -24,8 +24,7 @@ def run(args) -> int:
     from data import RunDir
     from gen import plan_run
 
-    cfg = build(PlanConfig, section(load_yaml(args.config), "plan", source=args.config), given(args, PlanConfig),
-                what="plan config")
+    cfg = stage_config(args, PlanConfig, "plan")
     r = RunDir(args.run)
     print_plan(plan_run(r, cfg), r)
     return 0

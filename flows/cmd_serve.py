@@ -5,7 +5,7 @@ import argparse
 import ipaddress
 import socket
 
-from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
+from .cliutil import add_model_args, add_run_arg, console, stage_config
 
 
 def add_parser(sub) -> None:
@@ -30,8 +30,7 @@ def run(args) -> int:
 
     from .serve import ServeConfig, create_app
 
-    cfg = build(ServeConfig, section(load_yaml(args.config), "serve", source=args.config), given(args, ServeConfig),
-                what="serve config")
+    cfg = stage_config(args, ServeConfig, "serve")
     if not args.run.is_dir():
         raise TailforgeError(f"run folder {args.run} does not exist", "pass the --run folder of a measured run")
     from train.checkpoint import resolve_device

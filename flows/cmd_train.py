@@ -5,7 +5,7 @@ import argparse
 
 from train.config import TrainConfig
 
-from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
+from .cliutil import add_model_args, add_run_arg, console, stage_config
 
 
 def add_parser(sub) -> None:
@@ -39,9 +39,7 @@ def run(args) -> int:
     from train import launch_fit
     from train.trainer import check_names
 
-    cfg_file = load_yaml(args.config)
-    part = section(cfg_file, "train", source=args.config, top_level=True)
-    cfg = build(TrainConfig, part, given(args, TrainConfig), what="train config")
+    cfg = stage_config(args, TrainConfig, "train", top_level=True)
     name = args.name or default_name(cfg)
     check_names(cfg)  # before the progress bar opens
     con = console()
