@@ -20,7 +20,6 @@ Candidate sources (``--source``):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,9 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import (DataConfig, RunDir, build_manifest, measure_run, read_json, read_manifest,  # noqa: E402
-                  save_png, write_json, write_manifest)
+                  write_json, write_manifest)
 from data.atomic import write_text  # noqa: E402
+from eval.planted import PlantedCandidates  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -47,23 +47,11 @@ def planted_candidates(run: RunDir, per_class: int, need: int, seed: int = 0) ->
     pool_x, pool_y = raw.splits["train"].images, raw.splits["train"].labels
     used = {int(u.split("#")[1]) for u in real.loc[real["uri"].str.startswith("data/train.npy"), "uri"]}
     pool = np.array([i for i in range(len(pool_y)) if i not in used])
-    rng = np.random.default_rng(seed)
+    planted = PlantedCandidates(run, seed)
+    rng, add, noisy = planted.rng, planted.add, planted.noisy
     train = real[real["split"] == "train"]
     counts = np.bincount(train["label"], minlength=info["num_classes"])
     tail = [int(c) for c in np.argsort(counts)[: info["num_classes"] // 2]]  # the rarer half
-    folder = run.root / "synthetic" / "planted" / "s0"
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-
-    def add(img, label, kind, parent):
-        sid = f"planted-{len(rows):06d}"
-        save_png(img, folder / f"{sid}.png")
-        rows.append(dict(sample_id=sid, uri=f"synthetic/planted/s0/{sid}.png", label=label,
-                         class_name=info["class_names"][label], split="train", source="ddpm", generator="planted",
-                         seed=len(rows), prompt=kind, parent_id=parent, shard="s0"))
-
-    def noisy(img, a):
-        return np.clip(img.astype(int) + rng.integers(-a, a + 1, img.shape), 0, 255).astype(np.uint8)
 
     n_good, n_wrong, n_copy = int(per_class * 0.5), int(per_class * 0.2), int(per_class * 0.2)
     n_dup = per_class - n_good - n_wrong - n_copy
@@ -79,8 +67,7 @@ def planted_candidates(run: RunDir, per_class: int, need: int, seed: int = 0) ->
             add(noisy(pool_x[int(uri.split("#")[1])], 6), c, "near_copy", uri)
         for i in rng.choice(own[:n_good], n_dup):
             add(noisy(pool_x[i], 3), c, "duplicate", f"pool-{i}")
-    df = pd.DataFrame(rows)
-    write_manifest(df, run.candidates)
+    df = planted.write()
     write_json(run.plan, {"target": "planted", "overgen": per_class / need, "total": len(df), "classes": [
         dict(label=c, class_name=info["class_names"][c], have=int(counts[c]), need=need if c in tail else 0,
              generate=per_class if c in tail else 0) for c in range(info["num_classes"])]})
@@ -215,8 +202,8 @@ def main() -> None:
 
     reasons = filtered["reason"].replace("", "accepted").value_counts().to_dict()
     truth = {}
-    if "prompt" in filtered and args.source == "planted":
-        truth = {k: g["reason"].replace("", "accepted").value_counts().to_dict() for k, g in filtered.groupby("prompt")}
+    if "kind" in filtered and args.source == "planted":
+        truth = {k: g["reason"].replace("", "accepted").value_counts().to_dict() for k, g in filtered.groupby("kind")}
     lines = [f"# Filter effect: Fashion-MNIST-LT IF={stats.imbalance_factor:.0f}, candidates: {args.source}"
              + (f", filter variant '{args.tag}': {overrides}" if args.tag else ""), "",
              f"filter embedder: the classifier `{embedder}` (real train split only).", "",

@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data import RunDir, read_manifest, save_png, write_json, write_manifest
+from data import RunDir, read_manifest, write_json, write_manifest
 from data.errors import TailforgeError
 from eval.filter import FilterConfig, filter_candidates
 from eval.filter_index import FaissSearch, NumpySearch, l2_normalize
 from eval.filter_score import score_arrays
+from eval.planted import PlantedCandidates
 
 TAIL, OTHER, WRONG = 9, 7, 6  # tail class (few), a medium class with a small quota, the wrong-class source
 
@@ -37,21 +38,10 @@ def _pool(run: RunDir):
 def plant(run: RunDir, n_good: int = 12, quota_other: int = 5, seed: int = 0) -> pd.DataFrame:
     """Write candidates.parquet (PNG candidates, column `kind` = planted truth) and plan.json."""
     real, allx, ally, pool = _pool(run)
-    info, rng = run.dataset_info(), np.random.default_rng(seed)
+    info = run.dataset_info()
     train = real[real["split"] == "train"]
-    folder = run.root / "synthetic" / "planted" / "s0"
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-
-    def add(img, label, kind, parent):
-        sid = f"planted-{len(rows):04d}"
-        save_png(img, folder / f"{sid}.png")
-        rows.append(dict(sample_id=sid, uri=f"synthetic/planted/s0/{sid}.png", label=label,
-                         class_name=info["class_names"][label], split="train", source="ddpm", generator="planted",
-                         seed=len(rows), prompt="", parent_id=parent, shard="s0", kind=kind))
-
-    def noisy(img, a):
-        return np.clip(img.astype(int) + rng.integers(-a, a + 1, img.shape), 0, 255).astype(np.uint8)
+    planted = PlantedCandidates(run, seed)
+    add, noisy = planted.add, planted.noisy
 
     for c in (TAIL, OTHER):
         for i in pool[ally[pool] == c][:n_good]:
@@ -60,11 +50,10 @@ def plant(run: RunDir, n_good: int = 12, quota_other: int = 5, seed: int = 0) ->
         add(allx[i], TAIL, "wrong_class", f"pool-{i}")
     for uri in train[train["label"] == TAIL]["uri"][:3]:
         add(noisy(allx[int(uri.split("#")[1])], 3), TAIL, "near_copy", uri)
-    base = rows[0]["parent_id"]  # the first good tail candidate, twice more with faint noise
+    base = planted.rows[0]["parent_id"]  # the first good tail candidate, twice more with faint noise
     for _ in range(2):
         add(noisy(allx[int(base.split("-")[1])], 2), TAIL, "duplicate", base)
-    df = pd.DataFrame(rows)
-    write_manifest(df, run.candidates)
+    df = planted.write()
     need = {TAIL: 100, OTHER: quota_other}
     write_json(run.plan, {"target": "planted", "overgen": 2.0, "total": len(df), "classes": [
         dict(label=c, class_name=info["class_names"][c], have=int((train["label"] == c).sum()),
