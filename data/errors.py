@@ -27,10 +27,13 @@ class TailforgeError(Exception):
         return text.replace("\n", " ")
 
 
+def did_you_mean(name: object, valid: Iterable[str], cutoff: float = 0.6) -> str:
+    """``"did you mean 'x'? "`` for the nearest of ``valid`` to ``name``, or ``""`` when none is near."""
+    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=cutoff)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
 def unknown_name(kind: str, name: str, valid: Iterable[str]) -> TailforgeError:
     """Error for an unknown registry key, listing the valid ones and the nearest match."""
     valid = sorted(valid)
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    hint += "valid: " + ", ".join(valid)
-    return TailforgeError(f"unknown {kind} '{name}'", hint)
+    return TailforgeError(f"unknown {kind} '{name}'", did_you_mean(name, valid) + "valid: " + ", ".join(valid))

@@ -6,7 +6,6 @@ description and default, and the CLI, YAML files and Prefect parameters share on
 from __future__ import annotations
 
 import argparse
-import difflib
 import typing
 from pathlib import Path
 from typing import Any, Iterable
@@ -14,7 +13,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from data.errors import TailforgeError
+from data.errors import TailforgeError, did_you_mean
 
 
 def _option(name: str) -> str:
@@ -118,9 +117,8 @@ def check_keys(model: type[BaseModel], data: dict, what: str) -> None:
     valid = list(model.model_fields)
     for key in data:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = (f"did you mean '{close[0]}'?" if close else "") + " valid keys: " + ", ".join(valid)
-            raise TailforgeError(f"unknown key '{key}' in {what}", hint.strip())
+            raise TailforgeError(f"unknown key '{key}' in {what}", did_you_mean(key, valid) + "valid keys: "
+                                 + ", ".join(valid))
 
 
 def validation_error(exc: ValidationError, what: str) -> TailforgeError:
@@ -175,16 +173,15 @@ def section(data: dict[str, Any], *names: str, source: str | Path | None = None,
     present = [n for n in names if n in data]
     if not present and top_level and not set(data) <= set(RunConfig.model_fields):
         for key, value in data.items():  # `trian:` holding a mapping is a misspelt section, not a stage key
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.7)
+            close = did_you_mean(key, names, cutoff=0.7)
             if close and isinstance(value, dict):
-                raise TailforgeError(f"unknown section '{key}' in {where}", f"did you mean '{close[0]}'?")
+                raise TailforgeError(f"unknown section '{key}' in {where}", close.strip())
         return data
     valid = list(RunConfig.model_fields) + [n for n in names if n not in RunConfig.model_fields]
     for key in data:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = (f"did you mean '{close[0]}'? " if close else "") + "sections: " + ", ".join(valid)
-            raise TailforgeError(f"unknown section '{key}' in {where}", hint)
+            raise TailforgeError(f"unknown section '{key}' in {where}",
+                                 did_you_mean(key, valid) + "sections: " + ", ".join(valid))
     if not present:
         return {}
     value = data[present[0]]

@@ -7,7 +7,6 @@ the settings that produced the outputs already there (``check_run_folder``).
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 import typing
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data import DataConfig, MeasureConfig, RunDir, TailforgeError
+from data.errors import did_you_mean
 from data.atomic import write_text
 
 from .cliutil import load_yaml, validation_error
@@ -119,8 +119,7 @@ def check_tree(model: type[BaseModel], data: Any, where: str, source: str) -> No
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             valid = list(fields)
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-            hint = (f"did you mean '{close[0]}'? " if close else "") + f"valid keys{' of ' + where if where else ''}: " \
+            hint = did_you_mean(key, valid, cutoff=0.5) + f"valid keys{' of ' + where if where else ''}: " \
                 + ", ".join(valid)
             raise TailforgeError(f"unknown key '{path}' in {source}", hint)
         sub = _nested_model(fields[key].annotation)
