@@ -7,7 +7,7 @@ JSON. The filter embeds with the first seed's real-only classifier (train split 
 Writes bench/results/filter_effect_<source>.{md,json}.
 
 Candidate sources (``--source``):
-- ``ddpm``: the in-domain class-conditional diffusion generator (``gen.generate``), plan by ``gen.plan_run``;
+- ``ddpm``: the in-domain class-conditional diffusion generator (``tailforge.gen.generate``), plan by ``tailforge.gen.plan_run``;
 - ``planted``: realistic bad cases built from the real TRAIN pool only (images the long-tail
   construction dropped; never val/test): for each class in the plan, good candidates (pool images of
   the class), wrong-class ones (pool images of another class given this label), near copies (the class's
@@ -29,17 +29,17 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import (DataConfig, RunDir, build_manifest, measure_run, read_json, read_manifest,  # noqa: E402
+from tailforge.data import (DataConfig, RunDir, build_manifest, measure_run, read_json, read_manifest,  # noqa: E402
                   write_json, write_manifest)
-from data.atomic import write_text  # noqa: E402
-from eval.planted import PlantedCandidates  # noqa: E402
+from tailforge.data.atomic import write_text  # noqa: E402
+from tailforge.eval.planted import PlantedCandidates  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 def planted_candidates(run: RunDir, per_class: int, need: int, seed: int = 0) -> pd.DataFrame:
     """Candidates from the TRAIN pool the long-tail construction dropped (see module docstring)."""
-    from data import load_dataset
+    from tailforge.data import load_dataset
 
     info = run.dataset_info()
     real = read_manifest(run.real)
@@ -75,7 +75,7 @@ def planted_candidates(run: RunDir, per_class: int, need: int, seed: int = 0) ->
 
 
 def ddpm_candidates(run: RunDir, args) -> pd.DataFrame:
-    import gen
+    from tailforge import gen
 
     gen.plan_run(run, gen.PlanConfig(target="fixed", count=args.need, overgen=args.overgen))
     opts = gen.DDPMOptions(ddpm_preset=args.ddpm_preset, ddpm_train_steps=args.ddpm_steps)
@@ -148,9 +148,9 @@ def main() -> None:
 
     import torch
 
-    import train
-    from eval.evaluate import evaluate
-    from eval.filter import FilterConfig, filter_candidates
+    from tailforge import train
+    from tailforge.eval.evaluate import evaluate
+    from tailforge.eval.filter import FilterConfig, filter_candidates
 
     torch.set_num_threads(args.threads)
     t0 = time.time()

@@ -38,9 +38,9 @@ def bench_sd(args) -> dict:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from gen.config import SDOptions
-    from gen.sd import SDSampler, load_pipeline, prompt_for
-    from gen.sd_build import save_pipeline
+    from tailforge.gen.config import SDOptions
+    from tailforge.gen.sd import SDSampler, load_pipeline, prompt_for
+    from tailforge.gen.sd_build import save_pipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.full and device == "cpu":
@@ -73,7 +73,7 @@ def bench_sd(args) -> dict:
         # plain: the loop people write by hand
         plain = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False,
                                                         feature_extractor=None).to(device)
-        from gen.sd import make_scheduler
+        from tailforge.gen.sd import make_scheduler
 
         plain.scheduler = make_scheduler("dpm", plain.scheduler.config)
         plain.set_progress_bar_config(disable=True)
@@ -98,8 +98,8 @@ def bench_sd(args) -> dict:
 
 
 def bench_ddpm(args) -> dict:
-    from data import DataConfig, RunDir, build_manifest, measure_run, read_json
-    from gen import DDPMOptions, GenerateConfig, PlanConfig, generate, plan_run, write_sample_grids
+    from tailforge.data import DataConfig, RunDir, build_manifest, measure_run, read_json
+    from tailforge.gen import DDPMOptions, GenerateConfig, PlanConfig, generate, plan_run, write_sample_grids
 
     tmp = Path(tempfile.mkdtemp(prefix="tf-ddpm-"))
     try:

@@ -51,8 +51,8 @@ COLUMNS = ("top1", "balanced_acc", "many", "medium", "few", "macro_f1")
 
 def build_run(args) -> "RunDir":  # noqa: F821
     """Fashion-MNIST subsampled to n_max per class, then long-tailed with IF = 100 (see the module doc)."""
-    from data import DataConfig, RunDir, build_manifest, measure_run
-    from data.datasets import RawDataset, RawSplit, load_dataset
+    from tailforge.data import DataConfig, RunDir, build_manifest, measure_run
+    from tailforge.data.datasets import RawDataset, RawSplit, load_dataset
 
     cfg = DataConfig(dataset="fashion-mnist", root=args.root, imbalance=100, seed=0, val_from_test=0.2)
     run = RunDir(args.out_runs / f"fmnist-lt100-n{args.n_max}-t{args.n_test}")
@@ -99,9 +99,9 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from data import ClassStats
-    from eval import evaluate
-    from train import TrainConfig, fit
+    from tailforge.data import ClassStats
+    from tailforge.eval import evaluate
+    from tailforge.train import TrainConfig, fit
 
     t_all = time.perf_counter()
     run = build_run(args)
@@ -135,7 +135,7 @@ def main() -> int:
     print(table)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    from data.atomic import write_json, write_text
+    from tailforge.data.atomic import write_json, write_text
 
     write_text(out / f"{args.name}.md", table)
     write_json(out / f"{args.name}.json", {"args": {k: str(v) for k, v in vars(args).items()},

@@ -50,8 +50,8 @@ CHROMIUM_FLAGS = [
 
 def make_run(root: Path, epochs: int) -> Path:
     """A digits run (IF 10) with two tiny models: ``baseline`` (ce) and ``balanced`` (balanced softmax)."""
-    import train
-    from data import DataConfig, RunDir, build_manifest, measure_run
+    from tailforge import train
+    from tailforge.data import DataConfig, RunDir, build_manifest, measure_run
 
     run = RunDir(root / "digits-lt")
     build_manifest(DataConfig(dataset="digits", imbalance=10, seed=0), run)
@@ -301,7 +301,7 @@ def make_upload(run: Path, path: Path) -> dict:
     """A 96x96 RGB PNG of a TEST digit (upscaled): exercises the resize + channel conversion of uploads."""
     from PIL import Image
 
-    from data import RunDir, load_images, read_manifest
+    from tailforge.data import RunDir, load_images, read_manifest
 
     r = RunDir(run)
     info = r.dataset_info()
@@ -328,8 +328,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         run = args.run or make_run(tmp, args.epochs)
         setup_s = time.perf_counter() - t0
-        from data import RunDir
-        from flows.serve import RunState, ServeConfig
+        from tailforge.data import RunDir
+        from tailforge.flows.serve import RunState, ServeConfig
 
         models = RunState(RunDir(run), ServeConfig()).model_names()
         if not models:

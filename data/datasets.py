@@ -2,7 +2,7 @@
 
 A ``RawDataset`` holds, per official split ("train", "val", "test", or "all" when the dataset
 has none), either a uint8 image array (array datasets) or a list of image files (folder
-datasets), plus integer labels and the class names. ``data.build`` turns it into a manifest.
+datasets), plus integer labels and the class names. ``tailforge.data.build`` turns it into a manifest.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Evaluate stage: metrics, plots, reports, comparisons (and the embedding filter, in eval/filter*.py).
 
-Heavy modules (torch, matplotlib) load lazily; ``from eval import evaluate`` stays cheap.
+Heavy modules (torch, matplotlib) load lazily; ``from tailforge.eval import evaluate`` stays cheap.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .evaluate import evaluate
 # would shadow the function of the same name on the package)
 _LAZY = {
     "compute": ".metrics",
-    # filter stage (another engineer's files): listed here so `from eval import ...` works lazily
+    # filter stage (another engineer's files): listed here so `from tailforge.eval import ...` works lazily
     "filter_candidates": ".filter",
     "FilterConfig": ".filter",
 }

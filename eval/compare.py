@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.atomic import read_json, write_json, write_text
-from data.errors import TailforgeError, unknown_name
-from data.run import RunDir
+from tailforge.data.atomic import read_json, write_json, write_text
+from tailforge.data.errors import TailforgeError, unknown_name
+from tailforge.data.run import RunDir
 
 from .config import CompareConfig
 

@@ -6,7 +6,7 @@ that ``embed_cached`` can keep the vectors of a run under ``<run>/filter/cache``
 a resumed run, does not recompute them.
 
 - ``classifier``: penultimate features of a classifier trained on the run's real training split
-  (``train.load_model`` + ``train.embed``); always available offline once ``tailforge train`` ran.
+  (``tailforge.train.load_model`` + ``tailforge.train.embed``); always available offline once ``tailforge train`` ran.
 - ``clip``: a transformers ``CLIPVisionModelWithProjection`` (image embeddings after the
   projection) from a local folder, or a hub id when online.
 - ``timm``: any timm backbone (``num_classes=0``: pooled features) with local weights: a folder
@@ -22,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 
-from data.atomic import atomic_path
-from data.errors import TailforgeError, unknown_name
-from data.run import RunDir
+from tailforge.data.atomic import atomic_path
+from tailforge.data.errors import TailforgeError, unknown_name
+from tailforge.data.run import RunDir
 
 from .filter_index import l2_normalize
 
@@ -37,7 +37,7 @@ def pick_device(device: str | None) -> str:
     import torch
 
     if device:
-        from train.checkpoint import resolve_device
+        from tailforge.train.checkpoint import resolve_device
 
         resolve_device(device)  # an unknown name or a missing GPU: one clear error, not a torch traceback
         return device
@@ -121,7 +121,7 @@ class ClassifierEmbedder(Embedder):
     def _load(self):
         if self._loaded is None:
             try:
-                import train
+                from tailforge import train
             except ImportError as exc:  # pragma: no cover - depends on the checkout
                 raise TailforgeError(f"the train package cannot be imported ({exc})",
                                      "use --embedder clip or --embedder timm") from None
@@ -133,7 +133,7 @@ class ClassifierEmbedder(Embedder):
         return int(self._load()[1]["feature_dim"])
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        import train
+        from tailforge import train
 
         model, meta = self._load()
         feats = train.embed(model, meta, images, batch_size=self.batch_size, device=pick_device(self.device))

@@ -1,6 +1,6 @@
 """``evaluate``: metrics of one trained model on one split, written as JSON plus plots.
 
-The JSON holds the metrics of ``eval.metrics.compute`` at its top level (top1, balanced_acc, many, ...)
+The JSON holds the metrics of ``tailforge.eval.metrics.compute`` at its top level (top1, balanced_acc, many, ...)
 next to what was evaluated (model, split, run, train settings, the val epoch selected).
 
 Outputs (in ``eval/``): ``<model>-<split>.json`` and ``<model>-<split>-{confusion,per_class,
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data.atomic import read_json, write_json
-from data.errors import TailforgeError
-from data.images import load_images
-from data.manifest import read_manifest
-from data.measure import ClassStats
-from data.run import RunDir
+from tailforge.data.atomic import read_json, write_json
+from tailforge.data.errors import TailforgeError
+from tailforge.data.images import load_images
+from tailforge.data.manifest import read_manifest
+from tailforge.data.measure import ClassStats
+from tailforge.data.run import RunDir
 
 from .config import EvalConfig
 from .metrics import calibration_bins, compute
@@ -27,7 +27,7 @@ def eval_path(run: RunDir, model_name: str, split: str) -> Path:
 
 def evaluate(run, model_name: str, split: str | None = None, cfg: EvalConfig | None = None, progress=None) -> dict:
     """Predict ``split`` of ``run`` with model ``model_name`` and write metrics and plots; returns the JSON dict."""
-    from train.checkpoint import load_model, predict_proba
+    from tailforge.train.checkpoint import load_model, predict_proba
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     cfg = cfg or EvalConfig()

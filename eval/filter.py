@@ -4,7 +4,7 @@
 (train rows only: val and test are never read into the filter) and ``plan.json`` (per-class quota
 ``need``), embeds images with the configured embedder (feature-dictionary candidates are already
 features of the classifier named in ``feature_model`` and are scored against the real features of
-that same classifier), applies the rules of ``eval.filter_score`` and writes ``filtered.parquet``
+that same classifier), applies the rules of ``tailforge.eval.filter_score`` and writes ``filtered.parquet``
 (candidates + ``score_*`` + ``accepted`` + ``reason``) and a report under ``<run>/filter/``.
 
 A finished filter with the same inputs is not redone; embeddings are cached, so an interrupted
@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from data.atomic import read_json, write_json
-from data.errors import TailforgeError
-from data.images import load_images, load_npy
-from data.manifest import read_manifest, write_manifest
-from data.run import RunDir
+from tailforge.data.atomic import read_json, write_json
+from tailforge.data.errors import TailforgeError
+from tailforge.data.images import load_images, load_npy
+from tailforge.data.manifest import read_manifest, write_manifest
+from tailforge.data.run import RunDir
 
 Progress = Optional[Callable[[int, int, dict], None]]
 

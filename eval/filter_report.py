@@ -11,16 +11,16 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from data.atomic import atomic_path, write_json, write_text
-from data.images import load_images
-from data.run import RunDir
+from tailforge.data.atomic import atomic_path, write_json, write_text
+from tailforge.data.images import load_images
+from tailforge.data.run import RunDir
 
 REJECT_REASONS = ("wrong_class", "low_fidelity", "near_copy", "duplicate", "over_quota")
 
 
 def class_groups(run: RunDir, num_classes: int) -> list[str]:
     """many/medium/few per class from counts.json, or "?" when the run was not measured."""
-    from data.measure import ClassStats
+    from tailforge.data.measure import ClassStats
 
     if not run.counts.exists():
         return ["?"] * num_classes

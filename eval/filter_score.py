@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from data.errors import TailforgeError
+from tailforge.data.errors import TailforgeError
 
 from .filter_index import FaissSearch, l2_normalize
 

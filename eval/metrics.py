@@ -92,7 +92,7 @@ def compute(y_true, probs, groups=None, n_bins: int = 15) -> dict:
     """All metrics of one prediction set.
 
     ``y_true`` (N,) ints; ``probs`` (N, C) probabilities; ``groups`` a per-class list of
-    many/medium/few (from ``data.ClassStats``) or None. Per-class accuracy is None for classes
+    many/medium/few (from ``tailforge.data.ClassStats``) or None. Per-class accuracy is None for classes
     without samples in ``y_true``.
     """
     y = np.asarray(y_true, dtype=np.int64)

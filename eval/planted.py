@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from data import RunDir, save_png, write_manifest
+from tailforge.data import RunDir, save_png, write_manifest
 
 
 class PlantedCandidates:

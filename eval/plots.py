@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.atomic import atomic_path
+from tailforge.data.atomic import atomic_path
 
 GROUP_COLORS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
 

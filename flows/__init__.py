@@ -1,7 +1,7 @@
 """Prefect flows wiring the stages, and the ``tailforge`` CLI.
 
 Importing this package is cheap (the CLI imports it); the flows load on first use:
-``from flows import benchmark, rebalance, run_flow``.
+``from tailforge.flows import benchmark, rebalance, run_flow``.
 """
 from __future__ import annotations
 

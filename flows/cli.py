@@ -6,18 +6,18 @@ import importlib
 import os
 import sys
 
-from data.errors import TailforgeError
+from tailforge.data.errors import TailforgeError
 
 # Each module defines ``add_parser(subparsers)`` and sets ``func`` on its parser.
 COMMANDS = [
-    "flows.cmd_measure",
-    "flows.cmd_plan",
-    "flows.cmd_generate",
-    "flows.cmd_filter",
-    "flows.cmd_train",
-    "flows.cmd_eval",
-    "flows.cmd_run",
-    "flows.cmd_serve",
+    "tailforge.flows.cmd_measure",
+    "tailforge.flows.cmd_plan",
+    "tailforge.flows.cmd_generate",
+    "tailforge.flows.cmd_filter",
+    "tailforge.flows.cmd_train",
+    "tailforge.flows.cmd_eval",
+    "tailforge.flows.cmd_run",
+    "tailforge.flows.cmd_serve",
 ]
 
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from data.errors import TailforgeError, did_you_mean
+from tailforge.data.errors import TailforgeError, did_you_mean
 
 
 def _option(name: str) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from eval.config import CompareConfig, EvalConfig
+from tailforge.eval.config import CompareConfig, EvalConfig
 
 from .cliutil import add_model_args, add_run_arg, console, stage_config
 
@@ -39,8 +39,8 @@ def add_parser(sub) -> None:
 
 
 def run_eval(args) -> int:
-    from data import RunDir
-    from eval import evaluate
+    from tailforge.data import RunDir
+    from tailforge.eval import evaluate
 
     # `evaluate:` is the section's name in a run config (config.yaml); `eval:` is accepted too
     cfg = stage_config(args, EvalConfig, "eval", "evaluate")
@@ -55,7 +55,7 @@ def run_eval(args) -> int:
 
 
 def run_compare(args) -> int:
-    from eval import compare
+    from tailforge.eval import compare
 
     cfg = stage_config(args, CompareConfig, "compare")
     res = compare(args.items, cfg=cfg, out_dir=args.out)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from eval.filter import FilterConfig
+from tailforge.eval.filter import FilterConfig
 
 from .cliutil import add_model_args, add_run_arg, console, stage_config
 
@@ -27,9 +27,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from data import RunDir
-    from data.atomic import read_json
-    from eval.filter import filter_candidates
+    from tailforge.data import RunDir
+    from tailforge.data.atomic import read_json
+    from tailforge.eval.filter import filter_candidates
 
     cfg = stage_config(args, FilterConfig, "filter", top_level=True)
     run_dir = RunDir(args.run)

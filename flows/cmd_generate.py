@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from data.errors import TailforgeError
-from gen.config import DDPMOptions, FeatDictOptions, GenerateConfig, SDOptions
+from tailforge.data.errors import TailforgeError
+from tailforge.gen.config import DDPMOptions, FeatDictOptions, GenerateConfig, SDOptions
 
 from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
 
@@ -46,8 +46,8 @@ def make_config(args) -> GenerateConfig:
 def run(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from data import RunDir
-    from gen import generate, write_sample_grids
+    from tailforge.data import RunDir
+    from tailforge.gen import generate, write_sample_grids
 
     cfg = make_config(args)
     r = RunDir(args.run)
@@ -69,7 +69,7 @@ def run(args) -> int:
     con.print(f"{cfg.generator}: {len(mine):,} candidates "
               + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     con.print(f"wrote {r.candidates} ({len(df):,} rows, all generators)")
-    from gen.planner import Plan
+    from tailforge.gen.planner import Plan
 
     planned = Plan.load(r).total
     if len(mine) < planned:  # --shard i/n: the other workers' shards are not in yet

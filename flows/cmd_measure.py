@@ -1,7 +1,7 @@
 """``tailforge measure``: build the run's real manifest and measure its class frequencies."""
 from __future__ import annotations
 
-from data.config import DataConfig, MeasureConfig
+from tailforge.data.config import DataConfig, MeasureConfig
 
 from .cliutil import add_model_args, add_run_arg, console, load_yaml, stage_config
 
@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from data import RunDir, build_manifest, measure_run
+    from tailforge.data import RunDir, build_manifest, measure_run
 
     cfg_file = load_yaml(args.config)
     data_cfg = stage_config(args, DataConfig, "data", file=cfg_file)

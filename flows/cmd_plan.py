@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from gen.config import PlanConfig
+from tailforge.gen.config import PlanConfig
 
 from .cliutil import add_model_args, add_run_arg, console, stage_config
 
@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from data import RunDir
-    from gen import plan_run
+    from tailforge.data import RunDir
+    from tailforge.gen import plan_run
 
     cfg = stage_config(args, PlanConfig, "plan")
     r = RunDir(args.run)

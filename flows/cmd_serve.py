@@ -26,14 +26,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from data.errors import TailforgeError
+    from tailforge.data.errors import TailforgeError
 
     from .serve import ServeConfig, create_app
 
     cfg = stage_config(args, ServeConfig, "serve")
     if not args.run.is_dir():
         raise TailforgeError(f"run folder {args.run} does not exist", "pass the --run folder of a measured run")
-    from train.checkpoint import resolve_device
+    from tailforge.train.checkpoint import resolve_device
 
     resolve_device(cfg.device)  # a bad --device: one line now, not a traceback at the first prediction
     app = create_app(args.run, cfg)
@@ -76,7 +76,7 @@ def is_loopback(host: str) -> bool:
 
 def bind(host: str, port: int) -> socket.socket:
     """Bind the listening socket first, so a busy port is a one-line error, not a uvicorn traceback."""
-    from data.errors import TailforgeError
+    from tailforge.data.errors import TailforgeError
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)

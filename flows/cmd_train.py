@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from train.config import TrainConfig
+from tailforge.train.config import TrainConfig
 
 from .cliutil import add_model_args, add_run_arg, console, stage_config
 
@@ -35,9 +35,9 @@ def default_name(cfg: TrainConfig) -> str:
 
 
 def run(args) -> int:
-    from data import RunDir
-    from train import launch_fit
-    from train.trainer import check_names
+    from tailforge.data import RunDir
+    from tailforge.train import launch_fit
+    from tailforge.train.trainer import check_names
 
     cfg = stage_config(args, TrainConfig, "train", top_level=True)
     name = args.name or default_name(cfg)
@@ -45,7 +45,7 @@ def run(args) -> int:
     con = console()
     with _bar(cfg) as progress:
         path = launch_fit(RunDir(args.run), cfg, name, progress=progress)  # torchrun/DDP on >1 GPU
-    from data.atomic import read_json
+    from tailforge.data.atomic import read_json
 
     best = read_json(path / "best.json")
     con.print(f"wrote {path}: best epoch {best['epoch']}, val balanced accuracy {best['val_balanced_acc']:.4f} "

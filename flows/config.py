@@ -15,9 +15,9 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from data import DataConfig, MeasureConfig, RunDir, TailforgeError
-from data.errors import did_you_mean
-from data.atomic import write_text
+from tailforge.data import DataConfig, MeasureConfig, RunDir, TailforgeError
+from tailforge.data.errors import did_you_mean
+from tailforge.data.atomic import write_text
 
 from .cliutil import load_yaml, validation_error
 
@@ -37,12 +37,12 @@ def _stage_model(module: str, name: str) -> type[BaseModel]:
         return _Pending
 
 
-PlanConfig = _stage_model("gen.config", "PlanConfig")
-GenerateConfig = _stage_model("gen.config", "GenerateConfig")
-FilterConfig = _stage_model("eval.filter", "FilterConfig")
-TrainConfig = _stage_model("train.config", "TrainConfig")
-EvalConfig = _stage_model("eval.config", "EvalConfig")
-CompareConfig = _stage_model("eval.config", "CompareConfig")
+PlanConfig = _stage_model("tailforge.gen.config", "PlanConfig")
+GenerateConfig = _stage_model("tailforge.gen.config", "GenerateConfig")
+FilterConfig = _stage_model("tailforge.eval.filter", "FilterConfig")
+TrainConfig = _stage_model("tailforge.train.config", "TrainConfig")
+EvalConfig = _stage_model("tailforge.eval.config", "EvalConfig")
+CompareConfig = _stage_model("tailforge.eval.config", "CompareConfig")
 
 
 class RunnerConfig(BaseModel):

@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.futures import wait
 
-from data import DataConfig, MeasureConfig, RunDir
+from tailforge.data import DataConfig, MeasureConfig, RunDir
 
 from . import prefect_env
 from .config import (FilterConfig, GenerateConfig, PlanConfig, RunConfig, RunnerConfig, TrainConfig,
@@ -65,8 +65,8 @@ def call(task, *args, **kwargs):
 
 def _generate_steps(run: str, gen_cfg, rc: RunnerConfig) -> int:
     """Prepare the generator, fan the shards out through the task runner, collect candidates."""
-    import gen
-    from gen.planner import Plan
+    from tailforge import gen
+    from tailforge.gen.planner import Plan
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()

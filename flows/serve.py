@@ -16,7 +16,7 @@ Safety, because the page accepts files from a browser: the request body is cappe
 (truncated files are refused) within ``max_pixels``; uploads are read in memory and never written
 anywhere but Starlette's spool (memory, then the temp folder); checkpoints are only looked up by
 name among ``<run>/models/*`` folders that resolve inside the run and hold ``model.safetensors``
-(``train.load_model`` reads safetensors, never pickles); every error is a JSON body
+(``tailforge.train.load_model`` reads safetensors, never pickles); every error is a JSON body
 ``{"error", "hint"}`` with a 4xx status, and an unexpected failure is a 500 with the exception's
 type only, never a traceback.
 """
@@ -40,8 +40,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from data.errors import TailforgeError, unknown_name
-from data.run import RunDir
+from tailforge.data.errors import TailforgeError, unknown_name
+from tailforge.data.run import RunDir
 
 log = logging.getLogger("tailforge.serve")
 
@@ -163,13 +163,13 @@ def decode_upload(blob: bytes, channels: int, size: tuple[int, int], max_pixels:
 
     Pillow reads only the header first (format and pixel count are checked before any pixel is
     decoded), then ``verify()`` checks the file's structure, then a fresh ``load()`` decodes it
-    (``verify`` alone misses truncated pixel data). The result goes through ``data.images.to_array``,
-    the function ``data.load_images`` uses for image files: same channels, same bicubic resize.
+    (``verify`` alone misses truncated pixel data). The result goes through ``tailforge.data.images.to_array``,
+    the function ``tailforge.data.load_images`` uses for image files: same channels, same bicubic resize.
     Returns (uint8 H x W x C, [original height, width]).
     """
     from PIL import Image, UnidentifiedImageError
 
-    from data.images import to_array
+    from tailforge.data.images import to_array
 
     if not blob:
         raise ServeError(400, "the uploaded file is empty", "choose an image file (PNG, JPEG, ...)")
@@ -223,8 +223,8 @@ class RunState:
     """What the app knows about one run folder; models are loaded lazily and cached."""
 
     def __init__(self, run: RunDir, cfg: ServeConfig):
-        from data.manifest import read_manifest
-        from data.measure import ClassStats
+        from tailforge.data.manifest import read_manifest
+        from tailforge.data.measure import ClassStats
 
         self.run, self.cfg = run, cfg
         self.root = run.root.resolve()
@@ -264,7 +264,7 @@ class RunState:
                        image_url=f"/api/samples/{sid}/image") for sid, label in rows]
 
     def sample_image(self, sample_id: str) -> tuple[np.ndarray, int]:
-        from data.images import load_images
+        from tailforge.data.images import load_images
 
         if sample_id not in self.test:
             raise ServeError(404, f"unknown test sample '{sample_id}'",
@@ -315,7 +315,7 @@ class RunState:
 
     def load(self, name: str):
         """(model, meta) of checkpoint ``name``, cached until its weights file changes."""
-        import train
+        from tailforge import train
 
         path = self.run.model_dir(name) / MODEL_FILE
         mtime = path.stat().st_mtime
@@ -331,7 +331,7 @@ class RunState:
         return model, meta
 
     def predict(self, image: np.ndarray, names: list[str], top_k: int, true_label: int | None) -> list[ModelResult]:
-        import train
+        from tailforge import train
 
         results = []
         image = np.array(image, dtype=np.uint8, copy=True)  # writable: torch warns on read-only (decoded) arrays

@@ -2,7 +2,7 @@
 
     prefect server start --host 127.0.0.1            # terminal 1 (UI at http://127.0.0.1:4200)
     export PREFECT_API_URL=http://127.0.0.1:4200/api
-    python -m flows.serve_deploy [--config my.yaml]  # terminal 2: waits for runs
+    python -m tailforge.flows.serve_deploy [--config my.yaml]  # terminal 2: waits for runs
     prefect deployment run 'benchmark/default'        # terminal 3, or "Run" in the UI
 
 The deployments' default parameters are the run config (the embedded digits config unless
@@ -31,7 +31,7 @@ def deployments(cfg):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m flows.serve_deploy", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tailforge.flows.serve_deploy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="YAML", help="run config used as the deployments' default parameters")
     p.add_argument("--limit", type=int, default=1, help="flow runs executed at the same time")

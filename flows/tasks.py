@@ -26,7 +26,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.states import Completed
 
-from data import RunDir, read_json, write_json
+from tailforge.data import RunDir, read_json, write_json
 
 STAMPS = ".flows"
 EMBED_LIMIT = 600_000  # bytes: images up to this size are embedded in markdown artifacts
@@ -135,7 +135,7 @@ class ProgressArtifact:
 @task(name="measure", cache_policy=NONE, task_run_name="measure {run}")
 def measure_task(run: str, data_cfg, measure_cfg) -> dict:
     """Build the real manifest (splits, long tail) and measure class frequencies."""
-    from data import ClassStats, build_manifest, measure_run
+    from tailforge.data import ClassStats, build_manifest, measure_run
 
     r = RunDir(run)
     key = settings_key(data_cfg.fingerprint(), measure_cfg.model_dump(mode="json"))
@@ -167,7 +167,7 @@ def publish_counts(run: RunDir, stats) -> None:
 @task(name="plan", cache_policy=NONE, task_run_name="plan {run}")
 def plan_task(run: str, plan_cfg) -> dict:
     """Per-class quotas of synthetic samples (plan.json)."""
-    import gen
+    from tailforge import gen
 
     r = RunDir(run)
     key = settings_key(_counts_key(r), plan_cfg.model_dump(mode="json"))
@@ -198,8 +198,8 @@ _GEN_LOCK = threading.Lock()
 
 def generator_for(run: RunDir, gen_cfg, progress=None):
     """The run's generator, prepared once per process (a thread pool shares it; dask workers each hold one)."""
-    import gen
-    from gen.planner import Plan
+    from tailforge import gen
+    from tailforge.gen.planner import Plan
 
     k = (str(run.root.resolve()), gen_cfg.model_dump_json())
     with _GEN_LOCK:
@@ -260,8 +260,8 @@ def shard_device(gen_cfg):
       retry_delay_seconds=1)
 def generate_shard_task(run: str, gen_cfg, shard) -> int:
     """Generate one shard (a class and an index range) into ``synthetic/<gen>/<shard>/``, atomically."""
-    from data import atomic_dir
-    from gen.shards import ROWS, rows_frame, shard_done
+    from tailforge.data import atomic_dir
+    from tailforge.gen.shards import ROWS, rows_frame, shard_done
 
     r = RunDir(run)
     folder = r.synthetic(gen_cfg.generator) / shard.id
@@ -279,9 +279,9 @@ def generate_shard_task(run: str, gen_cfg, shard) -> int:
 @task(name="collect-candidates", cache_policy=NONE, task_run_name="collect candidates")
 def collect_task(run: str, gen_cfg) -> int:
     """Union of the finished shards -> candidates.parquet, plus per-class sample grids."""
-    import gen
-    from gen.planner import Plan
-    from gen.shards import write_candidates
+    from tailforge import gen
+    from tailforge.gen.planner import Plan
+    from tailforge.gen.shards import write_candidates
 
     r = RunDir(run)
     key = _gen_key(r, gen_cfg)
@@ -297,7 +297,7 @@ def collect_task(run: str, gen_cfg) -> int:
 
 
 def publish_candidates(run: RunDir, generator: str, df) -> None:
-    import gen
+    from tailforge import gen
 
     counts = df.groupby(["label", "class_name"]).size().reset_index(name="candidates")
     table(artifact_key(run, "candidates"), counts.to_dict("records"),
@@ -318,7 +318,7 @@ def publish_candidates(run: RunDir, generator: str, df) -> None:
 @task(name="filter", cache_policy=NONE, task_run_name="filter {run}")
 def filter_task(run: str, filter_cfg, upstream: str = "") -> dict:
     """Score every candidate (embedding similarity) and accept the useful ones: filtered.parquet."""
-    from eval.filter import filter_candidates
+    from tailforge.eval.filter import filter_candidates
 
     r = RunDir(run)
     key = settings_key(filter_cfg.model_dump(mode="json"), upstream, _file_key(r.candidates))
@@ -371,10 +371,10 @@ def publish_filter(run: RunDir) -> None:
 def train_task(run: str, train_cfg, name: str, upstream: str = "") -> str:
     """Train one classifier (``models/<name>/``) with a progress artifact.
 
-    ``train.launch_fit``: with more than one visible GPU (or ``train.nproc`` > 1) it runs torchrun with one
+    ``tailforge.train.launch_fit``: with more than one visible GPU (or ``train.nproc`` > 1) it runs torchrun with one
     DDP process per GPU and relays rank 0's progress here; otherwise it trains in this process.
     """
-    import train
+    from tailforge import train
 
     r = RunDir(run)
     ident = train_cfg.identity() if hasattr(train_cfg, "identity") else train_cfg.model_dump(mode="json")
@@ -402,7 +402,7 @@ def publish_training(run: RunDir, name: str) -> None:
 @task(name="evaluate", cache_policy=NONE, task_run_name="evaluate {name} on {split}")
 def evaluate_task(run: str, name: str, split: str, eval_cfg=None) -> dict:
     """Metrics of one model on one split (eval/<model>-<split>.json), as a table artifact."""
-    import eval as ev
+    from tailforge import eval as ev
 
     r = RunDir(run)
     weights = r.model_dir(name) / "model.safetensors"
@@ -434,8 +434,8 @@ def publish_metrics(run: RunDir, name: str, split: str, metrics: dict) -> None:
 @task(name="compare", cache_policy=NONE, task_run_name="compare on {split}")
 def compare_task(run: str, names: list[str], baseline: str, split: str, compare_cfg=None) -> str:
     """Baseline vs rebalanced: eval/report.md (+ compare.json), published as a markdown artifact."""
-    import eval as ev
-    from eval.config import CompareConfig
+    from tailforge import eval as ev
+    from tailforge.eval.config import CompareConfig
 
     r = RunDir(run)
     cfg = (compare_cfg or CompareConfig()).model_copy(update={"split": split, "baseline": baseline})

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data import RunDir, save_png
-from data.images import to_array
+from tailforge.data import RunDir, save_png
+from tailforge.data.images import to_array
 
 from .config import GenerateConfig
 from .planner import Plan

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import TailforgeError, atomic_dir, atomic_path, load_images, read_json, read_manifest, write_json
+from tailforge.data import TailforgeError, atomic_dir, atomic_path, load_images, read_json, read_manifest, write_json
 
 from .base import Generator
 from .config import DDPMOptions

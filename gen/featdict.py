@@ -21,7 +21,7 @@ implemented here (our reading, exact and deterministic) is:
 
 ``FeatureDictOversampler`` is the algorithm on plain arrays (imbalanced-learn style,
 ``fit_resample``); ``FeatDictGenerator`` runs it in a trained classifier's feature space
-(``train.load_model`` + ``train.embed``) and writes float32 feature shards.
+(``tailforge.train.load_model`` + ``tailforge.train.embed``) and writes float32 feature shards.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import TailforgeError, load_images, read_manifest
+from tailforge.data import TailforgeError, load_images, read_manifest
 
 from .base import Generator
 from .planner import Plan
@@ -135,7 +135,7 @@ def train_features(run, model_name: str, progress: Progress | None = None):
         raise TailforgeError(f"featdict needs a trained classifier, and {model_dir} has none",
                              f"run `tailforge train --run {run.root} --name {model_name}` first, "
                              "or pass --featdict-model NAME")
-    import train  # the train package (load_model, embed)
+    from tailforge import train  # the train package (load_model, embed)
 
     model, meta = train.load_model(model_dir)
     info = run.dataset_info()

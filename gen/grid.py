@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import RunDir, atomic_path, load_images, read_manifest
+from tailforge.data import RunDir, atomic_path, load_images, read_manifest
 
 
 def tile(images: np.ndarray, cols: int, pad: int = 1) -> np.ndarray:

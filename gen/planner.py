@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from data import ClassStats, RunDir, TailforgeError, read_json, unknown_name, write_json
-from data.measure import GROUPS
+from tailforge.data import ClassStats, RunDir, TailforgeError, read_json, unknown_name, write_json
+from tailforge.data.measure import GROUPS
 
 from .config import PlanConfig
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import TailforgeError, load_images
+from tailforge.data import TailforgeError, load_images
 
 from .base import Generator
 from .config import SDOptions

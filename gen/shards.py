@@ -1,7 +1,7 @@
 """Sharding, per-sample seeds, and the ``generate`` driver shared by every generator.
 
 A shard is one class and an index range ``[start, stop)`` of that class's planned samples. It is
-written as ``synthetic/<gen>/<shard-id>/`` (files + ``rows.parquet``) through ``data.atomic_dir``:
+written as ``synthetic/<gen>/<shard-id>/`` (files + ``rows.parquet``) through ``tailforge.data.atomic_dir``:
 the folder appears complete or not at all, so Ctrl-C mid-shard leaves only a ``.tmp-*`` folder that
 the next run removes. A folder with ``rows.parquet`` is finished and is skipped on re-run.
 """
@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from data import RunDir, TailforgeError, atomic_dir, atomic_path, unknown_name
-from data.manifest import REQUIRED, validate
+from tailforge.data import RunDir, TailforgeError, atomic_dir, atomic_path, unknown_name
+from tailforge.data.manifest import REQUIRED, validate
 
 from .config import GenerateConfig
 from .planner import Plan
@@ -214,7 +214,7 @@ def resolve_device(device: str) -> str:
 
 def class_rows(run: RunDir, label: int) -> pd.DataFrame:
     """Real train rows of one class (exemplars for img2img)."""
-    from data import read_manifest
+    from tailforge.data import read_manifest
 
     df = read_manifest(run.require(run.real, "measure"))
     return df[(df["split"] == "train") & (df["source"] == "real") & (df["label"] == label)].reset_index(drop=True)

@@ -27,7 +27,7 @@ def _threads():
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
     """scikit-learn digits, exponential long tail IF=10, measured: a ready run folder (read-only use)."""
-    from data import DataConfig, RunDir, build_manifest, measure_run
+    from tailforge.data import DataConfig, RunDir, build_manifest, measure_run
 
     run = RunDir(tmp_path_factory.mktemp("runs") / "digits-lt")
     build_manifest(DataConfig(dataset="digits", imbalance=10, seed=0), run)
@@ -42,7 +42,7 @@ def digits_run_copy(digits_run, tmp_path):
 
     dst = tmp_path / "digits-lt"
     shutil.copytree(digits_run.root, dst)
-    from data import RunDir
+    from tailforge.data import RunDir
 
     return RunDir(dst)
 

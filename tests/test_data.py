@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from conftest import make_image_tree
-from data import (ClassStats, DataConfig, MeasureConfig, RunDir, TailforgeError, build_manifest, load_images,
+from tailforge.data import (ClassStats, DataConfig, MeasureConfig, RunDir, TailforgeError, build_manifest, load_images,
                   lt_counts, measure, measure_run, read_manifest, stratified_split)
-from data.measure import assign_groups, gini
-from flows.cli import main
+from tailforge.data.measure import assign_groups, gini
+from tailforge.flows.cli import main
 
 
 # ----------------------------------------------------------------------------- long-tail profile
@@ -256,7 +256,7 @@ def test_atomic_outputs_get_the_mode_of_a_plain_write(tmp_path):
     import os
     import stat
 
-    from data.atomic import atomic_dir, write_json
+    from tailforge.data.atomic import atomic_dir, write_json
 
     mask = os.umask(0o022)
     os.umask(mask)

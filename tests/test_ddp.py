@@ -1,7 +1,7 @@
 """DDP: index sharding, when torchrun is used, and two gloo processes on CPU training the digits run.
 
 The end-to-end tests start real torchrun jobs (2 CPU processes, gloo). A ``sitecustomize`` put on the
-workers' PYTHONPATH records, per rank, the shards ``train.samplers.shard_indices`` hands out and every
+workers' PYTHONPATH records, per rank, the shards ``tailforge.train.samplers.shard_indices`` hands out and every
 atomic write, so the tests see what each rank did without any hook in the trainer.
 NCCL on several real GPUs is not exercised here (no GPU on the test machine).
 """
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-import train
-from data import RunDir, TailforgeError, load_images, read_manifest
-from train.ddp import ddp_nproc, launch_fit
-from train.samplers import SAMPLERS, epoch_indices, shard_indices
+from tailforge import train
+from tailforge.data import RunDir, TailforgeError, load_images, read_manifest
+from tailforge.train.ddp import ddp_nproc, launch_fit
+from tailforge.train.samplers import SAMPLERS, epoch_indices, shard_indices
 
 FAST = dict(model="tiny", width=8, epochs=8, batch_size=64, lr=0.05, hflip=False, device="cpu", nproc=2)
 
@@ -25,8 +25,8 @@ SITECUSTOMIZE = '''
 import json, os
 if os.environ.get("LOCAL_RANK") is not None and os.environ.get("TF_TEST_TRACE"):
     import contextlib
-    import data.atomic as atomic
-    import train.samplers as samplers
+    import tailforge.data.atomic as atomic
+    import tailforge.train.samplers as samplers
 
     _trace = os.path.join(os.environ["TF_TEST_TRACE"], "rank%s.jsonl" % os.environ["RANK"])
 

@@ -1,4 +1,4 @@
-"""eval.evaluate / eval.compare and the eval, compare, train CLI on a tiny digits model."""
+"""tailforge.eval.evaluate / eval.compare and the eval, compare, train CLI on a tiny digits model."""
 from __future__ import annotations
 
 import json
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import train
-from data import RunDir, TailforgeError, load_images, read_manifest
-from eval import compare, evaluate
-from eval.config import CompareConfig
-from eval.metrics import compute
-from flows.cli import main
+from tailforge import train
+from tailforge.data import RunDir, TailforgeError, load_images, read_manifest
+from tailforge.eval import compare, evaluate
+from tailforge.eval.config import CompareConfig
+from tailforge.eval.metrics import compute
+from tailforge.flows.cli import main
 
 FAST = dict(model="tiny", width=8, epochs=2, batch_size=64, lr=0.05, hflip=False)
 

@@ -13,19 +13,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data import RunDir, read_manifest, write_json, write_manifest
-from data.errors import TailforgeError
-from eval.filter import FilterConfig, filter_candidates
-from eval.filter_index import FaissSearch, NumpySearch, l2_normalize
-from eval.filter_score import score_arrays
-from eval.planted import PlantedCandidates
+from tailforge.data import RunDir, read_manifest, write_json, write_manifest
+from tailforge.data.errors import TailforgeError
+from tailforge.eval.filter import FilterConfig, filter_candidates
+from tailforge.eval.filter_index import FaissSearch, NumpySearch, l2_normalize
+from tailforge.eval.filter_score import score_arrays
+from tailforge.eval.planted import PlantedCandidates
 
 TAIL, OTHER, WRONG = 9, 7, 6  # tail class (few), a medium class with a small quota, the wrong-class source
 
 
 def _pool(run: RunDir):
     """Digits images of the train pool that no split uses (dropped by the long-tail construction)."""
-    from data import DataConfig, load_dataset
+    from tailforge.data import DataConfig, load_dataset
 
     real = read_manifest(run.real)
     allx = np.load(run.data_dir / "all.npy")
@@ -86,8 +86,8 @@ def recording(load, seen: list):
 @pytest.fixture(scope="module")
 def planted(digits_run, tmp_path_factory):
     """The planted run, filtered once with the tiny timm embedder while recording every image read."""
-    import eval.filter as F
-    import eval.filter_report as R
+    import tailforge.eval.filter as F
+    import tailforge.eval.filter_report as R
 
     root = tmp_path_factory.mktemp("filter")
     shutil.copytree(digits_run.root, root / "run")
@@ -156,7 +156,7 @@ def test_planted_candidates_rejected_with_right_reason(planted, monkeypatch):
     assert "| 9 |" in (run.root / "filter" / "classes.md").read_text()
 
     # a second call with the same inputs is not redone (no image is loaded again)
-    import eval.filter as F
+    import tailforge.eval.filter as F
 
     again_seen: list[str] = []
     monkeypatch.setattr(F, "load_images", recording(F.load_images, again_seen))
@@ -194,7 +194,7 @@ def test_empty_class_is_a_warning_and_bad_input_is_a_clear_error(planted_copy):
 
 
 def test_cli_filter_runs_and_reports_errors(planted_copy, capsys):
-    from flows.cli import main
+    from tailforge.flows.cli import main
 
     run, weights = planted_copy
     args = ["filter", "--run", str(run.root), "--embedder", "timm", "--image-size", "32"]
@@ -209,7 +209,7 @@ def test_clip_embedder_from_a_local_folder(planted_copy):
     """A tiny CLIP vision model saved with save_pretrained and loaded through the user code path."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from eval.embedders import ClipEmbedder
+    from tailforge.eval.embedders import ClipEmbedder
 
     run, _ = planted_copy
     conf = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -229,7 +229,7 @@ def test_clip_embedder_from_a_local_folder(planted_copy):
 
 def test_featdict_candidates_scored_in_their_classifier_space(digits_run_copy):
     """Feature candidates are compared with real features of the classifier named in feature_model."""
-    import train
+    from tailforge import train
 
     run = digits_run_copy
     cfg = train.TrainConfig(model="tiny", width=8, epochs=2, batch_size=64, lr=0.05, hflip=False, device="cpu",

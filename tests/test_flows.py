@@ -20,9 +20,9 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from data import TailforgeError  # noqa: E402
-from flows.cli import main  # noqa: E402
-from flows.config import check_run_folder, load_config, parse_set, write_config  # noqa: E402
+from tailforge.data import TailforgeError  # noqa: E402
+from tailforge.flows.cli import main  # noqa: E402
+from tailforge.flows.config import check_run_folder, load_config, parse_set, write_config  # noqa: E402
 
 # tiny models everywhere: the whole benchmark takes seconds of compute
 TINY = {
@@ -45,7 +45,7 @@ def tiny_config(run: Path, **sections):
 
 @pytest.fixture(scope="module")
 def harness():
-    from flows import prefect_env
+    from tailforge.flows import prefect_env
 
     prefect_env()
     from prefect.testing.utilities import prefect_test_harness
@@ -55,7 +55,7 @@ def harness():
 
 
 def run_benchmark(cfg, which="benchmark"):
-    from flows.flows import FLOWS, make_runner
+    from tailforge.flows.flows import FLOWS, make_runner
 
     state = FLOWS[which].with_options(task_runner=make_runner(cfg.runner))(config=cfg, return_state=True)
     return state
@@ -88,7 +88,7 @@ def artifacts_of(flow_run_id) -> dict[str, str]:
 
 def digest(run: Path) -> dict[str, str]:
     """sample_id -> hash of the sample's image bytes (decoded pixels), from candidates.parquet."""
-    from data import load_images
+    from tailforge.data import load_images
 
     df = pd.read_parquet(run / "candidates.parquet")
     imgs = load_images(df["uri"], run, 1, (8, 8))
@@ -158,9 +158,9 @@ def test_interrupted_generation_resumes_to_the_same_samples(finished, tmp_path, 
     the candidates of the uninterrupted run, none duplicated."""
     import shutil
 
-    import gen
-    import gen.ddpm
-    from data import RunDir
+    from tailforge import gen
+    import tailforge.gen.ddpm
+    from tailforge.data import RunDir
 
     cfg_done, _ = finished
     cfg = tiny_config(tmp_path / "digits-bench")

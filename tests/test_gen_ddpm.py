@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from data import read_json
-from gen import DDPMOptions, GenerateConfig, PlanConfig, generate, plan_run, write_sample_grids
-from gen.shards import ROWS
+from tailforge.data import read_json
+from tailforge.gen import DDPMOptions, GenerateConfig, PlanConfig, generate, plan_run, write_sample_grids
+from tailforge.gen.shards import ROWS
 
 
 def tiny_cfg(**kw) -> GenerateConfig:
@@ -73,7 +73,7 @@ def test_ddpm_generates_the_plan_at_dataset_size_and_resumes(planned):
 
 
 def test_workers_split_shards_and_interrupted_shards_leave_nothing(planned, monkeypatch):
-    from gen.ddpm import DDPMGenerator
+    from tailforge.gen.ddpm import DDPMGenerator
 
     run = planned
     gen_dir = run.synthetic("ddpm")
@@ -114,7 +114,7 @@ def test_interrupted_training_resumes_to_the_same_model(planned, tmp_path):
 
     from safetensors.numpy import load_file
 
-    from data import RunDir
+    from tailforge.data import RunDir
 
     other = RunDir(tmp_path / "other")
     shutil.copytree(planned.root, other.root)
@@ -139,7 +139,7 @@ def test_parallel_shard_workers_train_the_model_once(planned, monkeypatch):
     """`--shard 0/2` and `--shard 1/2` started together: one trains, the other waits for its model."""
     import threading
 
-    from gen.ddpm import DDPMGenerator
+    from tailforge.gen.ddpm import DDPMGenerator
 
     calls = []
     real_train = DDPMGenerator.train
@@ -167,7 +167,7 @@ def test_parallel_shard_workers_train_the_model_once(planned, monkeypatch):
 
 
 def test_unknown_device_is_one_clear_error_before_any_work(planned):
-    from data import TailforgeError
+    from tailforge.data import TailforgeError
 
     with pytest.raises(TailforgeError, match=r"unknown device 'banana'.*--device auto, cpu"):
         generate(planned, tiny_cfg().model_copy(update={"device": "banana"}))
@@ -175,7 +175,7 @@ def test_unknown_device_is_one_clear_error_before_any_work(planned):
 
 
 def test_cli_shard_worker_says_the_plan_is_not_finished(planned, capsys):
-    from flows.cli import main
+    from tailforge.flows.cli import main
 
     args = ["generate", "--run", str(planned.root), "--device", "cpu", "--shard-size", "4", "--batch-size", "8",
             "--ddpm-preset", "tiny", "--ddpm-train-steps", "12", "--ddpm-sample-steps", "3", "--no-grids"]

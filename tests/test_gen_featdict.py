@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data import TailforgeError, load_images, read_json, read_manifest
-from gen import FeatureDictOversampler, GenerateConfig, PlanConfig, generate, plan_run
+from tailforge.data import TailforgeError, load_images, read_json, read_manifest
+from tailforge.gen import FeatureDictOversampler, GenerateConfig, PlanConfig, generate, plan_run
 
 
 def blobs(counts=(200, 50, 5), dim=16, seed=0, nonneg=False):
@@ -55,7 +55,7 @@ def test_seeded_samples_do_not_depend_on_batching_and_respect_the_domain():
 
 def test_generator_writes_float32_feature_shards(digits_run_copy, monkeypatch):
     """The shard pipeline with pixel features standing in for a trained backbone (train is tested elsewhere)."""
-    import gen.featdict as fd
+    import tailforge.gen.featdict as fd
 
     run = digits_run_copy
     info = run.dataset_info()
@@ -93,7 +93,7 @@ def test_featdict_without_a_trained_classifier_fails_clearly(digits_run_copy):
 
 def test_generator_in_a_trained_classifiers_feature_space(digits_run_copy):
     """End to end with the real train package: a tiny CNN trained 2 epochs, features from its backbone."""
-    import train
+    from tailforge import train
 
     run = digits_run_copy
     train.fit(run, train.TrainConfig(model="tiny", width=8, epochs=2, batch_size=128), "baseline")

@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from data import TailforgeError, read_json, read_manifest
-from gen import GenerateConfig, PlanConfig, SDOptions, generate, plan_run
+from tailforge.data import TailforgeError, read_json, read_manifest
+from tailforge.gen import GenerateConfig, PlanConfig, SDOptions, generate, plan_run
 
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    from gen.sd_build import save_pipeline
+    from tailforge.gen.sd_build import save_pipeline
 
     return save_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd")
 
@@ -60,7 +60,7 @@ def test_img2img_records_parents_of_the_same_class(planned, sd_folder):
 
 
 def test_sd_errors_are_clear(planned, sd_folder, tmp_path, capsys):
-    from flows.cli import main
+    from tailforge.flows.cli import main
 
     run = planned
     with pytest.raises(TailforgeError, match=r"--sd-model PATH"):

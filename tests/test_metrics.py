@@ -1,11 +1,11 @@
-"""eval.metrics against scikit-learn and hand-computed cases."""
+"""tailforge.eval.metrics against scikit-learn and hand-computed cases."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from eval.metrics import calibration_bins, compute, ece
+from tailforge.eval.metrics import calibration_bins, compute, ece
 
 
 def _probs(rng, n, c, sharp=3.0):

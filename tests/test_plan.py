@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from data import ClassStats, TailforgeError
-from gen import Plan, PlanConfig, make_shards, parse_shard_spec, plan
+from tailforge.data import ClassStats, TailforgeError
+from tailforge.gen import Plan, PlanConfig, make_shards, parse_shard_spec, plan
 
 
 def stats_of(counts, groups=None) -> ClassStats:
@@ -88,8 +88,8 @@ def test_shards_cover_the_plan_and_specs_are_checked():
 
 
 def test_plan_cli_writes_plan_json_and_rejects_bad_input(digits_run_copy, capsys):
-    from data import read_json
-    from flows.cli import main
+    from tailforge.data import read_json
+    from tailforge.flows.cli import main
 
     run = digits_run_copy
     assert main(["plan", "--run", str(run.root), "--target", "sqrt", "--overgen", "1.2"]) == 0

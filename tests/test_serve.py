@@ -12,15 +12,15 @@ from PIL import Image
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from flows.serve import ServeConfig, create_app  # noqa: E402
+from tailforge.flows.serve import ServeConfig, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def served_run(digits_run, tmp_path_factory):
     """A copy of ``digits_run`` with one tiny model trained for 2 epochs (``baseline``) and a byte copy
     of it (``copy``): two checkpoints, so "compare all" has something to compare."""
-    import train
-    from data import RunDir
+    from tailforge import train
+    from tailforge.data import RunDir
 
     run = RunDir(tmp_path_factory.mktemp("serve") / "digits-lt")
     shutil.copytree(digits_run.root, run.root)
@@ -43,7 +43,7 @@ def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
 
 def first_test_sample(run):
     """First test row of the manifest: (sample_id, label, uint8 8x8x1 image)."""
-    from data import load_images, read_manifest
+    from tailforge.data import load_images, read_manifest
 
     df = read_manifest(run.real)
     row = df[df["split"] == "test"].iloc[0]
@@ -80,7 +80,7 @@ def test_models_listing_only_safetensors_folders_inside_the_run(served_run, clie
 
 
 def test_predict_sample_matches_predict_proba(served_run, client):
-    import train
+    from tailforge import train
 
     sid, label, img = first_test_sample(served_run)
     r = client.post("/api/predict", data={"sample_id": sid, "model": "baseline"})
@@ -112,7 +112,7 @@ def test_predict_upload_is_preprocessed_like_training(served_run, client):
     assert up["input"]["kind"] == "upload" and up["input"]["true_label"] is None
     assert up["results"][0]["top"] == by_id["top"] and up["results"][0]["correct"] is None
     # a large RGB upload is converted to 1 channel and resized to 8x8 by data.images.to_array
-    from data.images import to_array
+    from tailforge.data.images import to_array
 
     big = np.asarray(Image.fromarray(img[..., 0]).convert("RGB").resize((64, 48), Image.NEAREST))
     r = client.post("/api/predict", files={"file": ("big.jpg", png(big, "JPEG"), "image/jpeg")})
@@ -133,7 +133,7 @@ def test_compare_all_returns_every_model(served_run, client):
 
 
 def test_samples_strip_lists_test_images_tail_first(served_run, client):
-    from data import read_manifest
+    from tailforge.data import read_manifest
 
     df = read_manifest(served_run.real)
     test_ids = set(df.loc[df["split"] == "test", "sample_id"])
@@ -204,8 +204,8 @@ def test_openapi_and_offline_page(client):
 
 
 def test_cli_refuses_a_busy_port_and_defaults_to_loopback(served_run, capsys):
-    from flows.cli import main, make_parser
-    from flows.cliutil import given
+    from tailforge.flows.cli import main, make_parser
+    from tailforge.flows.cliutil import given
 
     args = make_parser().parse_args(["serve", "--run", str(served_run.root)])
     assert ServeConfig(**given(args, ServeConfig)).host == "127.0.0.1"

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-import train
-from data import RunDir, TailforgeError, load_images, read_manifest, write_manifest
-from train.losses import LOSSES, build_loss
-from train.models import create_model
-from train.samplers import SAMPLERS, epoch_indices
+from tailforge import train
+from tailforge.data import RunDir, TailforgeError, load_images, read_manifest, write_manifest
+from tailforge.train.losses import LOSSES, build_loss
+from tailforge.train.models import create_model
+from tailforge.train.samplers import SAMPLERS, epoch_indices
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -233,7 +233,7 @@ def test_pretrained_local_only(tmp_path):
     src = create_model("resnet18", 10, 3, 32)
     torch.save(src.backbone.state_dict(), tmp_path / "r18.pth")
     dst = create_model("resnet18", 4, 1, 32)
-    from train.models import load_pretrained
+    from tailforge.train.models import load_pretrained
 
     stats = load_pretrained(dst, tmp_path)  # folder: the .pth inside is found
     assert stats["loaded"] > 50

@@ -3,7 +3,7 @@
 Public surface (docs/api.md): ``TrainConfig``, ``fit``, ``launch_fit`` (fit under torchrun/DDP on >1 GPU),
 ``load_model``, ``embed``, ``predict_proba``,
 plus the registries ``MODELS``, ``LOSSES``, ``SAMPLERS`` and ``create_model``. Torch is imported
-lazily, so ``from train import TrainConfig`` stays fast for the CLI.
+lazily, so ``from tailforge.train import TrainConfig`` stays fast for the CLI.
 """
 from __future__ import annotations
 

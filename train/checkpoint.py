@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.atomic import read_json
-from data.errors import TailforgeError
+from tailforge.data.atomic import read_json
+from tailforge.data.errors import TailforgeError
 
 from .models import Classifier, create_model
 

@@ -1,15 +1,15 @@
-"""Multi-GPU training: ``launch_fit`` runs ``train.fit`` under torchrun (DDP) when it pays, in this process otherwise.
+"""Multi-GPU training: ``launch_fit`` runs ``tailforge.train.fit`` under torchrun (DDP) when it pays, in this process otherwise.
 
 ``launch_fit(run, cfg, name, progress)`` is what the CLI and the flows call. With ``cfg.ddp == "auto"``
 and more than one visible GPU (or ``cfg.nproc > 1``) it runs::
 
-    python -m torch.distributed.run --standalone --nproc_per_node=N -m train.ddp RUN NAME CONFIG_JSON
+    python -m torch.distributed.run --standalone --nproc_per_node=N -m tailforge.train.ddp RUN NAME CONFIG_JSON
 
-and waits: every process calls ``train.fit``, which joins the process group (nccl on GPUs, gloo on
+and waits: every process calls ``tailforge.train.fit``, which joins the process group (nccl on GPUs, gloo on
 CPU), shards each epoch and lets rank 0 alone write. The worker output is streamed through; rank 0's
 progress comes back as ``@@tailforge-progress {json}`` lines that feed ``progress``, a failure as one
 ``@@tailforge-error {json}`` line that becomes this process's ``TailforgeError``. Otherwise (one GPU,
-CPU, ``ddp: off``, or already inside torchrun) it simply calls ``train.fit``.
+CPU, ``ddp: off``, or already inside torchrun) it simply calls ``tailforge.train.fit``.
 
 ``cfg.batch_size`` is the global batch: N processes take ``batch_size // N`` each per step.
 ``nproc > 1`` with ``--device cpu`` (or no GPU) runs N CPU processes over gloo, which is how the tests
@@ -26,8 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data.errors import TailforgeError
-from data.run import RunDir
+from tailforge.data.errors import TailforgeError
+from tailforge.data.run import RunDir
 
 from .config import TrainConfig
 
@@ -60,7 +60,7 @@ def ddp_nproc(cfg: TrainConfig) -> int:
 
 
 def launch_fit(run, cfg: TrainConfig, name: str, progress=None) -> Path:
-    """``train.fit`` in ``ddp_nproc(cfg)`` processes: under torchrun when more than one, else in this process."""
+    """``tailforge.train.fit`` in ``ddp_nproc(cfg)`` processes: under torchrun when more than one, else in this process."""
     from .trainer import check_names, finished, fit
 
     n = ddp_nproc(cfg)
@@ -72,11 +72,9 @@ def launch_fit(run, cfg: TrainConfig, name: str, progress=None) -> Path:
     if done is not None:
         return done
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "train.ddp", str(run.root), name, cfg.model_dump_json()]
+           "-m", "tailforge.train.ddp", str(run.root), name, cfg.model_dump_json()]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default for N > 1, without its warning
-    repo = str(Path(__file__).resolve().parent.parent)  # train.ddp importable even without an install
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     print(f"tailforge: training '{name}' with DDP in {n} processes (torchrun)", file=sys.stderr, flush=True)
     errors: list[dict] = []
     tail: collections.deque[str] = collections.deque(maxlen=30)
@@ -152,7 +150,7 @@ def _emit(done: int, total: int, info: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.ddp",
+    ap = argparse.ArgumentParser(prog="python -m tailforge.train.ddp",
                                  description="one DDP process of `train.fit` (started by torchrun, see launch_fit)")
     ap.add_argument("run", help="run folder")  # positional: torchrun would take --run for its --run-path
     ap.add_argument("name", help="model name (models/<name>/)")

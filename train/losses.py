@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.errors import unknown_name
+from tailforge.data.errors import unknown_name
 
 from .config import TrainConfig
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.errors import TailforgeError, unknown_name
+from tailforge.data.errors import TailforgeError, unknown_name
 
 # our name -> (timm name, smallest input side the architecture accepts)
 TIMM_MODELS = {

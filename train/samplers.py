@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.errors import unknown_name
+from tailforge.data.errors import unknown_name
 
 
 def _class_draw(labels: np.ndarray, rng: np.random.Generator, class_p: np.ndarray) -> np.ndarray:

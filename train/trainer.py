@@ -22,11 +22,11 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from data.atomic import atomic_dir, atomic_path, read_json, write_json, write_text
-from data.errors import TailforgeError, unknown_name
-from data.images import load_images, load_npy
-from data.manifest import read_manifest, train_rows
-from data.run import RunDir
+from tailforge.data.atomic import atomic_dir, atomic_path, read_json, write_json, write_text
+from tailforge.data.errors import TailforgeError, unknown_name
+from tailforge.data.images import load_images, load_npy
+from tailforge.data.manifest import read_manifest, train_rows
+from tailforge.data.run import RunDir
 
 from .augment import augment, mix
 from .checkpoint import build_from_meta, embed, load_model, resolve_device
@@ -417,7 +417,7 @@ def fit(run: RunDir, cfg: TrainConfig, name: str, progress=None) -> Path:
     the model in DistributedDataParallel and trains on its shard of each epoch; rank 0 alone validates,
     writes the resumable state, calls ``progress`` and writes ``models/<name>/``. ``cfg.batch_size`` is
     global (each of N processes takes ``batch_size // N`` per step). To launch such a job from one
-    process use ``train.ddp.launch_fit``.
+    process use ``tailforge.train.ddp.launch_fit``.
     """
     run = RunDir(run.root if isinstance(run, RunDir) else run)
     check_names(cfg)
