@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tailforge.data import (DataConfig, RunDir, build_manifest, measure_run, read_json, read_manifest,  # noqa: E402
                   write_json, write_manifest)
 from tailforge.data.atomic import write_text  # noqa: E402
-from tailforge.eval.planted import PlantedCandidates  # noqa: E402
+from tailforge.eval.filter.planted import PlantedCandidates  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

@@ -1,6 +1,6 @@
 """Filter throughput: candidates scored per second, faiss vs a NumPy brute-force baseline, side by side.
 
-The same scoring core (``tailforge.eval.filter_score.score_arrays``: calibration, kNN class consistency,
+The same scoring core (``tailforge.eval.filter.score.score_arrays``: calibration, kNN class consistency,
 fidelity, near-copy, duplicates, quota) runs twice on the same data, once with the faiss backend and
 once with blocked NumPy matrix products + ``argpartition``; decisions are checked to agree and the
 ratio of candidates scored per second is printed and written to bench/results/filter_throughput.json.
@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tailforge.eval.filter import FilterConfig  # noqa: E402
-from tailforge.eval.filter_index import FaissSearch, NumpySearch, faiss_gpus, l2_normalize  # noqa: E402
-from tailforge.eval.filter_score import score_arrays  # noqa: E402
+from tailforge.eval.filter.index import FaissSearch, NumpySearch, faiss_gpus, l2_normalize  # noqa: E402
+from tailforge.eval.filter.score import score_arrays  # noqa: E402
 
 
 def make_data(n_real: int, n_cand: int, dim: int, classes: int, seed: int = 0):

@@ -1,4 +1,4 @@
-"""Evaluate stage: metrics, plots, reports, comparisons (and the embedding filter, in eval/filter*.py).
+"""Evaluate stage: metrics, plots, reports, comparisons (the filter stage is the subpackage eval/filter/).
 
 Heavy modules (torch, matplotlib) load lazily; ``from tailforge.eval import evaluate`` stays cheap.
 """
@@ -14,7 +14,7 @@ from .evaluate import evaluate
 # would shadow the function of the same name on the package)
 _LAZY = {
     "compute": ".metrics",
-    # filter stage (another engineer's files): listed here so `from tailforge.eval import ...` works lazily
+    # the filter stage (eval/filter/), reachable from here too
     "filter_candidates": ".filter",
     "FilterConfig": ".filter",
 }

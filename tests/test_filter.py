@@ -16,9 +16,9 @@ import pytest
 from tailforge.data import RunDir, read_manifest, write_json, write_manifest
 from tailforge.data.errors import TailforgeError
 from tailforge.eval.filter import FilterConfig, filter_candidates
-from tailforge.eval.filter_index import FaissSearch, NumpySearch, l2_normalize
-from tailforge.eval.filter_score import score_arrays
-from tailforge.eval.planted import PlantedCandidates
+from tailforge.eval.filter.index import FaissSearch, NumpySearch, l2_normalize
+from tailforge.eval.filter.score import score_arrays
+from tailforge.eval.filter.planted import PlantedCandidates
 
 TAIL, OTHER, WRONG = 9, 7, 6  # tail class (few), a medium class with a small quota, the wrong-class source
 
@@ -86,8 +86,8 @@ def recording(load, seen: list):
 @pytest.fixture(scope="module")
 def planted(digits_run, tmp_path_factory):
     """The planted run, filtered once with the tiny timm embedder while recording every image read."""
-    import tailforge.eval.filter as F
-    import tailforge.eval.filter_report as R
+    import tailforge.eval.filter.stage as F
+    import tailforge.eval.filter.report as R
 
     root = tmp_path_factory.mktemp("filter")
     shutil.copytree(digits_run.root, root / "run")
@@ -156,7 +156,7 @@ def test_planted_candidates_rejected_with_right_reason(planted, monkeypatch):
     assert "| 9 |" in (run.root / "filter" / "classes.md").read_text()
 
     # a second call with the same inputs is not redone (no image is loaded again)
-    import tailforge.eval.filter as F
+    import tailforge.eval.filter.stage as F
 
     again_seen: list[str] = []
     monkeypatch.setattr(F, "load_images", recording(F.load_images, again_seen))
@@ -209,7 +209,7 @@ def test_clip_embedder_from_a_local_folder(planted_copy):
     """A tiny CLIP vision model saved with save_pretrained and loaded through the user code path."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from tailforge.eval.embedders import ClipEmbedder
+    from tailforge.eval.filter.embedders import ClipEmbedder
 
     run, _ = planted_copy
     conf = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,

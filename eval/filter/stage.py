@@ -4,7 +4,7 @@
 (train rows only: val and test are never read into the filter) and ``plan.json`` (per-class quota
 ``need``), embeds images with the configured embedder (feature-dictionary candidates are already
 features of the classifier named in ``feature_model`` and are scored against the real features of
-that same classifier), applies the rules of ``tailforge.eval.filter_score`` and writes ``filtered.parquet``
+that same classifier), applies the rules of ``tailforge.eval.filter.score`` and writes ``filtered.parquet``
 (candidates + ``score_*`` + ``accepted`` + ``reason``) and a report under ``<run>/filter/``.
 
 A finished filter with the same inputs is not redone; embeddings are cached, so an interrupted
@@ -155,9 +155,9 @@ def _space_groups(cands: pd.DataFrame, cfg: FilterConfig) -> dict[tuple[str, str
 def filter_candidates(run: RunDir | str | Path, cfg: FilterConfig | None = None, progress: Progress = None) -> pd.DataFrame:
     """Score all candidates, decide accept/reject with a reason, write ``filtered.parquet`` + report."""
     from .embedders import ClassifierEmbedder, embed_cached, make_embedder, uri_hash
-    from .filter_index import FaissSearch
-    from .filter_report import write_report
-    from .filter_score import decide, duplicate_pairs, score_space
+    from .index import FaissSearch
+    from .report import write_report
+    from .score import decide, duplicate_pairs, score_space
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     cfg = cfg or FilterConfig()

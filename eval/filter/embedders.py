@@ -26,7 +26,7 @@ from tailforge.data.atomic import atomic_path
 from tailforge.data.errors import TailforgeError, unknown_name
 from tailforge.data.run import RunDir
 
-from .filter_index import l2_normalize
+from .index import l2_normalize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

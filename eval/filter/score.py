@@ -29,7 +29,7 @@ import pandas as pd
 
 from tailforge.data.errors import TailforgeError
 
-from .filter_index import FaissSearch, l2_normalize
+from .index import FaissSearch, l2_normalize
 
 REASONS = ("", "wrong_class", "low_fidelity", "near_copy", "duplicate", "over_quota")
 
