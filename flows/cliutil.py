@@ -15,6 +15,8 @@ from pydantic import BaseModel, ValidationError
 
 from tailforge.data.errors import TailforgeError, did_you_mean
 
+from .config import RunConfig, load_yaml, validation_error  # noqa: F401 - load_yaml: the commands' helper
+
 
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -121,44 +123,6 @@ def check_keys(model: type[BaseModel], data: dict, what: str) -> None:
                                  + ", ".join(valid))
 
 
-def validation_error(exc: ValidationError, what: str) -> TailforgeError:
-    err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err.get("loc", ())) or what
-    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
-    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return TailforgeError(f"invalid {what}: {loc}: {msg}{extra}", f"correct '{loc}' in the config or option")
-
-
-def load_yaml(path: str | Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    path = Path(path)
-    if path.is_dir():
-        raise TailforgeError(f"config file {path} is a folder", "pass a YAML file to --config")
-    if not path.is_file():
-        raise TailforgeError(f"config file {path} does not exist", "pass an existing YAML file to --config")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise TailforgeError(f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})",
-                             "pass a YAML text file saved as UTF-8") from None
-    except OSError as exc:
-        raise TailforgeError(f"cannot read config file {path} ({exc.strerror})",
-                             "check its permissions, or pass another file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        raise TailforgeError(f"config file {path} is not valid YAML{where}: {problem}",
-                             "fix the YAML syntax") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TailforgeError(f"config file {path} must hold a mapping of keys to values",
-                             "write it as `key: value` lines")
-    return data
-
-
 def section(data: dict[str, Any], *names: str, source: str | Path | None = None,
             top_level: bool = False) -> dict[str, Any]:
     """The part of a stage's ``--config`` file for that stage: the first of ``names`` present.
@@ -168,8 +132,6 @@ def section(data: dict[str, Any], *names: str, source: str | Path | None = None,
     is not a mapping. ``top_level``: a file with none of ``names`` holds the stage's keys directly.
     """
     where = f"config file {source}" if source else "the config file"
-    from .config import RunConfig  # here: flows.config imports this module
-
     present = [n for n in names if n in data]
     if not present and top_level and not set(data) <= set(RunConfig.model_fields):
         for key, value in data.items():  # `trian:` holding a mapping is a misspelt section, not a stage key

@@ -19,9 +19,47 @@ from tailforge.data import DataConfig, MeasureConfig, RunDir, TailforgeError
 from tailforge.data.errors import did_you_mean
 from tailforge.data.atomic import write_text
 
-from .cliutil import load_yaml, validation_error
-
 DEFAULT_YAML = Path(__file__).with_name("default.yaml")
+
+
+# YAML files and pydantic errors -> one-line TailforgeError (here, below the CLI plumbing that uses them too)
+
+def validation_error(exc: ValidationError, what: str) -> TailforgeError:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ())) or what
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return TailforgeError(f"invalid {what}: {loc}: {msg}{extra}", f"correct '{loc}' in the config or option")
+
+
+def load_yaml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if path.is_dir():
+        raise TailforgeError(f"config file {path} is a folder", "pass a YAML file to --config")
+    if not path.is_file():
+        raise TailforgeError(f"config file {path} does not exist", "pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TailforgeError(f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})",
+                             "pass a YAML text file saved as UTF-8") from None
+    except OSError as exc:
+        raise TailforgeError(f"cannot read config file {path} ({exc.strerror})",
+                             "check its permissions, or pass another file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise TailforgeError(f"config file {path} is not valid YAML{where}: {problem}",
+                             "fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TailforgeError(f"config file {path} must hold a mapping of keys to values",
+                             "write it as `key: value` lines")
+    return data
 
 
 class _Pending(BaseModel):

@@ -18,7 +18,7 @@ from prefect.futures import wait
 
 from tailforge.data import DataConfig, MeasureConfig, RunDir
 
-from . import prefect_env
+from .env import prefect_env
 from .config import (FilterConfig, GenerateConfig, PlanConfig, RunConfig, RunnerConfig, TrainConfig,
                      check_run_folder, load_config, write_config)
 from .tasks import (ProgressArtifact, artifact_key, collect_task, compare_task, evaluate_task, filter_task, forget_generators,

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from .config import DDPMOptions, FeatDictOptions, GenerateConfig, PlanConfig, SDOptions
 from .ddpm import DDPMGenerator
+from .driver import GENERATORS, generate
 from .featdict import FeatDictGenerator, FeatureDictOversampler
 from .grid import write_sample_grids
 from .planner import ClassQuota, Plan, plan, plan_run
 from .sd import SDGenerator
-from .shards import Shard, collect_candidates, generate, make_shards, parse_shard_spec, sample_seed
-
-GENERATORS = {"ddpm": DDPMGenerator, "featdict": FeatDictGenerator, "sd": SDGenerator}
+from .shards import Shard, collect_candidates, make_shards, parse_shard_spec, sample_seed
 
 __all__ = [
     "DDPMOptions", "FeatDictOptions", "GenerateConfig", "PlanConfig", "SDOptions", "ClassQuota", "Plan", "plan",

@@ -1,4 +1,5 @@
-"""Sharding, per-sample seeds, and the ``generate`` driver shared by every generator.
+"""Sharding, per-sample seeds and candidate rows, shared by every generator (the ``generate`` driver
+that runs them is ``driver.py``, above the generators).
 
 A shard is one class and an index range ``[start, stop)`` of that class's planned samples. It is
 written as ``synthetic/<gen>/<shard-id>/`` (files + ``rows.parquet``) through ``tailforge.data.atomic_dir``:
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,10 +18,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from tailforge.data import RunDir, TailforgeError, atomic_dir, atomic_path, unknown_name
+from tailforge.data import RunDir, TailforgeError, atomic_path
 from tailforge.data.manifest import REQUIRED, validate
 
-from .config import GenerateConfig
 from .planner import Plan
 
 Progress = Callable[[int, int, dict], None]
@@ -143,50 +142,6 @@ def write_candidates(run: RunDir, df: pd.DataFrame) -> None:
     df["label"] = df["label"].astype("int64")
     with atomic_path(run.candidates) as tmp:
         df.to_parquet(tmp, index=False)
-
-
-def generate(run: RunDir | str, cfg: GenerateConfig | None = None, progress: Progress | None = None,
-             shard: str | None = None) -> pd.DataFrame:
-    """Run this worker's unfinished shards of the plan, then rewrite ``candidates.parquet``.
-
-    ``shard="i/n"`` runs shards i, i+n, i+2n, ... (independent workers, any machines sharing the
-    run folder). Returns the full candidates table (all generators, all finished shards).
-    """
-    from . import GENERATORS
-
-    run = run if isinstance(run, RunDir) else RunDir(run)
-    cfg = cfg or GenerateConfig()
-    if cfg.generator not in GENERATORS:
-        raise unknown_name("generator", cfg.generator, GENERATORS)
-    worker, workers = parse_shard_spec(shard)
-    info = run.dataset_info()
-    plan = Plan.load(run)
-    shards = make_shards(plan, cfg.generator, cfg.shard_size)[worker::workers]
-    gen_dir = run.synthetic(cfg.generator)
-    clean_partial(gen_dir, shards)
-    todo = [s for s in shards if not shard_done(gen_dir / s.id)]
-    total = sum(s.size for s in shards)
-    done = total - sum(s.size for s in todo)
-    if progress:
-        progress(done, total, {"stage": "generate", "generator": cfg.generator, "skipped_shards": len(shards) - len(todo)})
-    if todo:
-        quiet_hf()
-        gen = GENERATORS[cfg.generator](run, cfg, info)
-        gen.prepare(plan, progress=progress)
-        for s in todo:
-            t0 = time.perf_counter()
-            with atomic_dir(gen_dir / s.id) as tmp:
-                rows = rows_frame(gen.run_shard(s, tmp))
-                if len(rows) != s.size:  # a generator bug, not a user error
-                    raise RuntimeError(f"{cfg.generator} produced {len(rows)} rows for shard {s.id} of size {s.size}")
-                rows.to_parquet(tmp / ROWS, index=False)
-            done += s.size
-            if progress:
-                progress(done, total, {"stage": "generate", "generator": cfg.generator, "shard": s.id,
-                                       "class": s.class_name, "seconds": round(time.perf_counter() - t0, 3)})
-    df = collect_candidates(run, plan)
-    write_candidates(run, df)
-    return df
 
 
 def quiet_hf() -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from tailforge.data.errors import unknown_name
 
-from .config import TrainConfig
+from .config import TrainConfig, drw_start  # noqa: F401 - drw_start: part of the losses' face
 
 LOSSES: dict[str, type["Loss"]] = {}
 
@@ -133,18 +133,6 @@ class LogitAdjust(Loss):
 
     def forward(self, logits, target, epoch=0):
         return F.cross_entropy(logits.float() + self.cfg.la_tau * self.log_prior, target, reduction="none")
-
-
-def drw_start(cfg: TrainConfig) -> int:
-    """First epoch of deferred re-weighting: ``drw_epoch``, else half the epochs.
-
-    Cao et al. (2019) start DRW at epoch 160 of 200, where their step schedule drops the LR 100x and
-    40 epochs remain. Under our cosine schedule 80 % leaves a short tail at < 10 % of the peak LR, too
-    little to re-balance the classifier: on Fashion-MNIST-LT (IF = 100, 12 epochs, 3 seeds, test
-    split) DRW at 80 % gave few-shot 35.2 % / balanced 56.2 %, at 50 % 59.9 % / 65.6 %
-    (``bench/results/ldam_drw.md``). Half the epochs is the default for that reason.
-    """
-    return cfg.drw_epoch if cfg.drw_epoch is not None else int(round(0.5 * cfg.epochs))
 
 
 @register("ldam")
