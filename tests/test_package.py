@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -146,3 +146,70 @@ def test_the_cycle_finder_names_a_planted_circle(tmp_path):
     assert cycles == [["tailforge.a.high", "tailforge.a.low", "tailforge.a.high"]]
     assert describe(cycles[0], graph, mods, tmp_path) == ("tailforge.a.high (a/high.py:1) -> tailforge.a.low (a/low.py:2) "
                                                 "-> tailforge.a.high")
+
+
+# --------------------------------------------------------------------------- a plain (non-editable) install
+
+CHECK = """
+import sys
+import data, train                      # someone else's top-level packages of those names
+import tailforge, tailforge.data, tailforge.train
+
+assert data.WHO == "dummy data", data.__file__
+assert train.WHO == "dummy train", train.__file__
+for module in (tailforge, tailforge.data, tailforge.train):
+    assert module.__file__.startswith(sys.argv[1]), module.__file__ + " is not the installed copy"
+assert "balanced_softmax" in tailforge.train.LOSSES and tailforge.data.RunDir
+print("ok")
+"""
+
+
+def copy_sources(dst: Path) -> Path:
+    """What a build reads (pyproject, README, the mapped folders), so the build never writes into the repo."""
+    conf = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "build", "*.egg-info")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, dst / name)
+    for folder in sorted({d.split("/")[0] for d in conf["package-dir"].values()}):
+        if not (dst / folder).exists():
+            shutil.copytree(REPO / folder, dst / folder, ignore=skip)
+    return dst
+
+
+@pytest.mark.skipif(os.name == "nt", reason="venv layout (bin/) of POSIX")
+def test_a_plain_install_adds_one_import_name_and_lives_next_to_packages_named_data_and_train(tmp_path):
+    pytest.importorskip("setuptools", reason="the offline build (--no-build-isolation) needs setuptools")
+    (tmp_path / "src").mkdir()
+    src = copy_sources(tmp_path / "src")
+    venv = tmp_path / "venv"
+    # --system-site-packages: torch & co. come from this environment, nothing is downloaded; pip too
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_REQUIRE_VIRTUALENV")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    build = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                            str(src)], env=env, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout + build.stderr
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+    (dist,) = Path(site).glob("tailforge-*.dist-info")
+    record = [line.split(",")[0] for line in (dist / "RECORD").read_text().splitlines() if line]
+    top = {p.split("/")[0] for p in record if not p.startswith("..") and not p.split("/")[0].endswith(".dist-info")}
+    assert top == {"tailforge"}, f"the distribution installs more than one top-level name: {sorted(top)}"
+    assert (dist / "top_level.txt").read_text().split() == ["tailforge"]
+    outside = [p for p in record if p.startswith("..")]
+    assert len(outside) == 1 and outside[0].endswith("/bin/tailforge"), outside  # the console script, only
+    assert "tailforge/flows/default.yaml" in record  # the embedded default config travels with the code
+
+    elsewhere = tmp_path / "elsewhere"  # not the repo: its data/ and train/ folders must not be on the path
+    for name in ("data", "train"):
+        (elsewhere / name).mkdir(parents=True)
+        (elsewhere / name / "__init__.py").write_text(f'WHO = "dummy {name}"\n')
+    env["PYTHONPATH"] = str(elsewhere)
+    check = subprocess.run([str(py), "-c", CHECK, site], cwd=elsewhere, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert check.returncode == 0 and check.stdout.strip() == "ok", check.stdout + check.stderr
+    cli = subprocess.run([str(venv / "bin" / "tailforge"), "--help"], cwd=elsewhere, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert cli.returncode == 0 and "usage: tailforge" in cli.stdout, cli.stdout + cli.stderr
