@@ -7,6 +7,7 @@ import os
 import sys
 
 from tailforge.data.errors import TailforgeError
+from tailforge.data.log import cli_logging
 
 # Each module defines ``add_parser(subparsers)`` and sets ``func`` on its parser.
 COMMANDS = [
@@ -38,6 +39,7 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli_logging()  # tailforge's log records (warnings too): one plain line each on stderr, while main runs
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")

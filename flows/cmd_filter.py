@@ -28,7 +28,6 @@ def run(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tailforge.data import RunDir
-    from tailforge.data.atomic import read_json
     from tailforge.eval.filter import filter_candidates
 
     cfg = stage_config(args, FilterConfig, "filter", top_level=True)
@@ -44,11 +43,8 @@ def run(args) -> int:
             bar.update(task, completed=done, total=total, description=what or "filter", info=sub)
 
         out = filter_candidates(run_dir, cfg, progress=progress)
-    report = read_json(run_dir.root / "filter" / "classes.json")
     counts = out["reason"].replace("", "accepted").value_counts()
     con.print(f"{int(out['accepted'].sum())} of {len(out)} candidates accepted ("
               + ", ".join(f"{k} {int(v)}" for k, v in counts.items()) + ")")
-    for w in report.get("warnings", []):
-        con.print(f"[yellow]warning:[/] {w}")
     con.print(f"wrote {run_dir.filtered} and {run_dir.root / 'filter'}/ (classes.md, scores.png, grids)")
     return 0

@@ -7,7 +7,10 @@ train images plus a little pixel noise; duplicates are copies of one good candid
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -164,14 +167,17 @@ def test_planted_candidates_rejected_with_right_reason(planted, monkeypatch):
     assert not again_seen and again["accepted"].tolist() == out["accepted"].tolist()
 
 
-def test_empty_class_is_a_warning_and_bad_input_is_a_clear_error(planted_copy):
+def test_empty_class_is_a_warning_and_bad_input_is_a_clear_error(planted_copy, caplog):
     run, weights = planted_copy
     cands = read_manifest(run.candidates)
-    # a class whose every candidate is wrong: warned about in the report, not an error
+    # a class whose every candidate is wrong: one log line and the report, not an error nor a Python warning
     only_wrong = cands[(cands["kind"] == "wrong_class") | (cands["label"] == OTHER)]
     write_manifest(only_wrong, run.candidates)
-    with pytest.warns(UserWarning, match="no candidate accepted"):
+    with caplog.at_level(logging.WARNING, logger="tailforge"), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         filter_candidates(run, timm_cfg(weights))
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("tailforge")] == [
+        "filter: no candidate accepted for 1 class: class 9 (4 wrong_class)"]
     assert any("class 9" in w for w in json.loads((run.root / "filter" / "classes.json").read_text())["warnings"])
 
     bad = only_wrong.copy()
@@ -203,6 +209,29 @@ def test_cli_filter_runs_and_reports_errors(planted_copy, capsys):
     assert main(args + ["--embedder-path", str(run.root / "missing")]) == 2
     err = capsys.readouterr().err
     assert "error: timm embedder weights not found" in err and "Traceback" not in err
+
+
+def test_cli_output_is_plain_lines_without_python_warnings(planted_copy, capfd):
+    """A stage through the CLI with a class left empty: one grouped `warning:` line on stderr, no Python
+    warning (no `UserWarning:` with a source path, no line of code), from tailforge or a library it calls."""
+    from tailforge.flows.cli import main
+
+    run, weights = planted_copy
+    cands = read_manifest(run.candidates)
+    write_manifest(cands[(cands["kind"] == "wrong_class") | (cands["label"] == OTHER)], run.candidates)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main(["filter", "--run", str(run.root), "--embedder", "timm", "--embedder-path", str(weights),
+                   "--image-size", "32"])
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    hidden = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)  # off by default
+    shown = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught
+             if not issubclass(w.category, hidden)]
+    assert not shown, shown
+    assert not re.search(r"\w+Warning: |\.py:\d+|Traceback|write_report\(", out + err), out + err
+    assert err.splitlines() == ["warning: filter: no candidate accepted for 1 class: class 9 (4 wrong_class)"]
+    assert "candidates accepted" in out
 
 
 def test_clip_embedder_from_a_local_folder(planted_copy):

@@ -6,13 +6,13 @@ Every figure here comes from the real TRAIN split (calibration) and the candidat
 from __future__ import annotations
 
 import re
-import warnings
 
 import numpy as np
 import pandas as pd
 
 from tailforge.data.atomic import atomic_path, write_json, write_text
 from tailforge.data.images import load_images
+from tailforge.data.log import grouped, log
 from tailforge.data.run import RunDir
 
 REJECT_REASONS = ("wrong_class", "low_fidelity", "near_copy", "duplicate", "over_quota")
@@ -60,6 +60,19 @@ def class_warnings(table: list[dict]) -> list[str]:
             why = ", ".join(f"{k} {r[k]}" for k in REJECT_REASONS if r[k])
             out.append(f"class {r['label']} ({r['class_name']}): no candidate accepted of {r['generated']} ({why})")
     return out
+
+
+def warning_lines(table: list[dict]) -> list[str]:
+    """The per-class warnings as one line per kind, for the log:
+    ``no candidate accepted for 8 classes: bird (371 wrong_class), ...``."""
+    def name(r: dict) -> str:
+        return r["class_name"] if str(r["class_name"]) != str(r["label"]) else f"class {r['label']}"
+
+    empty = [f"{name(r)} (needs {r['need']})" for r in table if r["need"] > 0 and r["generated"] == 0]
+    rejected = [f"{name(r)} (" + ", ".join(f"{r[k]} {k}" for k in REJECT_REASONS if r[k]) + ")"
+                for r in table if r["need"] > 0 and r["generated"] > 0 and r["accepted"] == 0]
+    out = [grouped("no candidates generated", empty)] if empty else []
+    return out + ([grouped("no candidate accepted", rejected)] if rejected else [])
 
 
 def markdown(table: list[dict], warns: list[str], calibrations: dict, backend: str, split_note: str) -> str:
@@ -157,8 +170,8 @@ def write_report(run: RunDir, out: pd.DataFrame, quotas: dict[int, int], calibra
     groups = class_groups(run, len(info["class_names"]))
     table = class_table(out, quotas, info, groups)
     warns = class_warnings(table)
-    for w in warns:
-        warnings.warn(f"filter: {w}", stacklevel=2)
+    for line in warning_lines(table):
+        log.warning("filter: %s", line)
     note = ("Thresholds and prototypes come from the real TRAIN split only; val and test were not used.")
     d = run.root / "filter"
     report = {"split": "train (real) for calibration", "backend": backend, "classes": table, "warnings": warns,
