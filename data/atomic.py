@@ -2,6 +2,9 @@
 
 A reader sees either the old file or the complete new one, never half of it; an interrupted
 writer (Ctrl-C, crash) leaves at most a ``.tmp-*`` file that the next run ignores and overwrites.
+A write that fails because the disk is full (whatever the library says) raises ``DiskFull``: one line
+with the path and the free space. A folder gets ``.integrity.json`` (its files' sizes and hashes)
+before it is renamed into place (see ``data/integrity.py``).
 """
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from .diskspace import DiskFull, disk_full, is_disk_full, size_of
+from .integrity import seal
 
 
 def _umask() -> int:
@@ -31,21 +37,26 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     (Pillow, pyarrow, matplotlib) still work.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=suffix, dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: give the output the mode a plain open() would
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=suffix, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: give the output the mode a plain open() would
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         if tmp_path.exists():
             with open(tmp_path, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+    except BaseException as exc:
+        written = size_of(tmp_path) if tmp_path is not None else 0
+        if tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
+        if not isinstance(exc, DiskFull) and is_disk_full(exc, path.parent):
+            raise disk_full(path, written) from exc  # one line with the path and the free space
         raise
 
 
@@ -57,11 +68,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     An existing ``path`` is replaced only after the new one is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700: give the folder the mode a plain mkdir() would
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700: give the folder the mode a plain mkdir() would
         yield tmp
+        seal(tmp)  # the folder's own record of its files (data/integrity.py), checked before reuse
         if path.exists():
             old = path.with_name(f".old-{path.name}-{os.getpid()}")
             os.replace(path, old)
@@ -69,8 +82,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        written = size_of(tmp) if tmp is not None else 0
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, DiskFull) and is_disk_full(exc, path.parent):
+            raise disk_full(path, written) from exc
         raise
 
 

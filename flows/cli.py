@@ -9,6 +9,8 @@ import sys
 from tailforge.data.errors import TailforgeError
 from tailforge.data.log import cli_logging
 
+from .guard import add_wait_options, command_lock, user_error
+
 # Each module defines ``add_parser(subparsers)`` and sets ``func`` on its parser.
 COMMANDS = [
     "tailforge.flows.cmd_measure",
@@ -36,6 +38,7 @@ def make_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.add_parser(sub)
+    add_wait_options(sub)
     return parser
 
 
@@ -46,8 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with command_lock(args):  # commands that write into --run hold its lock (see guard.py)
+            return int(args.func(args) or 0)
     except TailforgeError as err:
+        print(f"tailforge {args.command}: error: {err.one_line()}", file=sys.stderr)
+        return err.exit_code
+    except Exception as exc:  # a full disk reported by a library (torch, pyarrow) outside an atomic write
+        err = user_error(exc)
+        if err is None:
+            raise
         print(f"tailforge {args.command}: error: {err.one_line()}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

@@ -52,14 +52,20 @@ def run(args) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     check_run_folder(cfg)  # a contradicting config: one clear error before Prefect or any stage starts
-    from . import prefect_env
+    from tailforge.data.lock import run_lock
 
-    prefect_env()
-    from .flows import run_flow
+    # one run per folder: refused (or --wait) before Prefect starts; the flow's tasks run under this lock
+    with run_lock(cfg.run, wait=args.wait, create=True, command="tailforge run"):
+        from . import prefect_env
 
-    t0 = time.perf_counter()
-    out = run_flow(cfg, args.flow)
-    secs = time.perf_counter() - t0
+        prefect_env()
+        from .flows import run_flow
+        from .guard import quiet_user_errors
+
+        quiet_user_errors()
+        t0 = time.perf_counter()
+        out = run_flow(cfg, args.flow)
+        secs = time.perf_counter() - t0
     print(f"\n{args.flow} finished in {secs:.0f} s; run folder {Path(cfg.run).resolve()}")
     for name, m in (out.get("metrics") or {}).items():
         parts = [f"{k} {m[k]:.3f}" for k in ("top1", "balanced_acc", "few") if isinstance(m.get(k), (int, float))]

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import wait
 
 from tailforge.data import DataConfig, MeasureConfig, RunDir
+from tailforge.data.lock import run_lock
 
 from .env import prefect_env
 from .config import (FilterConfig, GenerateConfig, PlanConfig, RunConfig, RunnerConfig, TrainConfig,
@@ -120,12 +121,18 @@ FLOW_OPTS = dict(log_prints=True, validate_parameters=True, persist_result=False
 @flow(name="rebalance", description="Every stage on one run folder: measure, plan, generate, filter, train, "
       "evaluate.", **FLOW_OPTS)
 def rebalance(config: RunConfig = DEFAULT_CONFIG) -> dict:
-    return _rebalance_steps(config)
+    with run_lock(config.run, create=True, command="flow rebalance"):  # re-entrant: `tailforge run` holds it
+        return _rebalance_steps(config)
 
 
 @flow(name="benchmark", description="Baseline (real only) vs rebalanced (real + filtered synthetic): same split, "
       "seed and budget; publishes the comparison report.", **FLOW_OPTS)
 def benchmark(config: RunConfig = DEFAULT_CONFIG) -> dict:
+    with run_lock(config.run, create=True, command="flow benchmark"):  # one run per folder (data/lock.py)
+        return _benchmark_steps(config)
+
+
+def _benchmark_steps(config: RunConfig) -> dict:
     out = _rebalance_steps(config)
     run, split = config.run, config.eval_split
     out["metrics"][config.baseline] = call(evaluate_task, run, config.baseline, split, config.evaluate)

@@ -44,19 +44,38 @@ def stamp_path(run: RunDir, name: str) -> Path:
     return run.root / STAMPS / f"{name}.json"
 
 
+_OUTPUTS: dict[tuple[str, str], list] = {}  # (run folder, task) -> the outputs its is_done asked about
+
+
 def is_done(run: RunDir, name: str, key: str, outputs: list[Path]) -> bool:
-    """True when the outputs exist and were made by the same settings (the stamp's key)."""
+    """True when the outputs exist, were made by the same settings (the stamp's key) and still match
+    what the stamp recorded of them (size and hash, ``tailforge.data.integrity``). Damaged outputs are
+    reported in one line (``damaged: <file> (size 1000, recorded 380312); redoing train rebalanced``)
+    and removed, so the task redoes the stage; later tasks follow, since their keys hold this one's
+    output files (size and mtime)."""
+    from tailforge.data.integrity import stamp_ok
+
+    _OUTPUTS[(str(run.root), name)] = list(outputs)
     p = stamp_path(run, name)
-    if not p.exists() or not all(Path(o).exists() for o in outputs):
+    if not p.exists():
         return False
     try:
-        return read_json(p).get("key") == key
+        stamp = read_json(p)
     except (OSError, ValueError):
         return False
+    if stamp.get("key") != key or not stamp_ok(run.root, stamp, redo=name.replace("-", " ")):
+        return False
+    return all(Path(o).exists() for o in outputs)
 
 
-def mark_done(run: RunDir, name: str, key: str, **info) -> None:
-    write_json(stamp_path(run, name), {"key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
+def mark_done(run: RunDir, name: str, key: str, outputs: list[Path] | None = None, **info) -> None:
+    """Stamp a finished task: its settings key and a record (path, size, hash) of ``outputs``, by default
+    the outputs its ``is_done`` asked about (folders: every file under them)."""
+    from tailforge.data.integrity import record
+
+    outs = _OUTPUTS.pop((str(run.root), name), []) if outputs is None else outputs
+    write_json(stamp_path(run, name), {"key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info,
+                                       "files": record(run.root, outs)})
 
 
 def cached(name: str, run: RunDir, data: Any = None):
@@ -144,7 +163,7 @@ def measure_task(run: str, data_cfg, measure_cfg) -> dict:
     build_manifest(data_cfg, r)
     stats = measure_run(r, measure_cfg)
     publish_counts(r, stats)
-    mark_done(r, "measure", key)
+    mark_done(r, "measure", key, outputs=[r.real, r.dataset, r.counts, *sorted(r.data_dir.glob("*.npy"))])
     return stats.to_dict()
 
 
@@ -228,6 +247,7 @@ def _gen_key(run: RunDir, gen_cfg) -> str:
 def prepare_generator_task(run: str, gen_cfg) -> None:
     """Train or load the generator once (the in-domain diffusion model trains here, with progress)."""
     r = RunDir(run)
+    _warn_space(r, gen_cfg)
     key = _gen_key(r, gen_cfg)
     if is_done(r, f"prepare-{gen_cfg.generator}", key, []):
         return cached(f"prepare {gen_cfg.generator}", r)
@@ -235,6 +255,20 @@ def prepare_generator_task(run: str, gen_cfg) -> None:
                             f"training the {gen_cfg.generator} generator")
     generator_for(r, gen_cfg, progress=prog)
     mark_done(r, f"prepare-{gen_cfg.generator}", key)
+
+
+def _warn_space(run: RunDir, gen_cfg) -> None:
+    """One warning line before generation when the unfinished shards may not fit on the disk."""
+    from tailforge.gen import make_shards
+    from tailforge.gen.planner import Plan
+    from tailforge.gen.shards import ROWS
+    from tailforge.gen.space import space_warning
+
+    todo = [s for s in make_shards(Plan.load(run), gen_cfg.generator, gen_cfg.shard_size)
+            if not (run.synthetic(gen_cfg.generator) / s.id / ROWS).is_file()]
+    warn = space_warning(run, gen_cfg.generator, sum(s.size for s in todo))
+    if warn:
+        get_run_logger().warning(warn)
 
 
 def shard_device(gen_cfg):
@@ -382,7 +416,7 @@ def train_task(run: str, train_cfg, name: str, upstream: str = "") -> str:
         _file_key(r.candidates) if getattr(train_cfg, "synthetic", "none") == "candidates" else ""
     key = settings_key(ident, name, upstream, data_key, _file_key(r.real))
     out = r.model_dir(name)
-    if is_done(r, f"train-{name}", key, [out / "model.safetensors"]):
+    if is_done(r, f"train-{name}", key, [out / "model.safetensors", out / "config.json"]):
         return cached(f"train {name}", r, str(out))
     prog = ProgressArtifact(artifact_key(r, f"train-{name}"), f"training {name}")
     path = train.launch_fit(r, train_cfg, name, progress=prog)

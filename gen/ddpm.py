@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tailforge.data import TailforgeError, atomic_dir, atomic_path, load_images, read_json, read_manifest, write_json
+from tailforge.data.integrity import folder_ok
 
 from .base import Generator
 from .config import DDPMOptions
@@ -131,6 +132,8 @@ class DDPMGenerator(Generator):
         # One trainer at a time: parallel `--shard i/n` workers wait here for the first one's model.
         with open(self.model_dir / ".train.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if done.exists() and not folder_ok(self.model_dir / "unet", "the ddpm training", self.run.root):
+                done.unlink()  # a damaged UNet: train it again
             if done.exists():
                 meta = read_json(done)
                 if meta["fingerprint"] != self.fingerprint():
@@ -139,7 +142,11 @@ class DDPMGenerator(Generator):
                         f"use the same ddpm options and seed, or delete {self.model_dir.parent} to retrain")
             else:
                 self.train(progress)
-        self.unet = UNet2DModel.from_pretrained(self.model_dir / "unet").to(self.device).eval()
+        # low_cpu_mem_usage=False: the UNet is a few MB, low-memory loading buys nothing here; it needs
+        # accelerate (without it diffusers prints "accelerate not found" advice on every run), whose loader
+        # patches torch.nn.Module globally: not thread-safe with parallel shard workers in one process
+        self.unet = UNet2DModel.from_pretrained(self.model_dir / "unet", low_cpu_mem_usage=False)
+        self.unet = self.unet.to(self.device).eval()
 
     def train(self, progress: Progress | None = None) -> None:
         import torch

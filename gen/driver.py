@@ -12,6 +12,7 @@ import time
 import pandas as pd
 
 from tailforge.data import RunDir, atomic_dir, unknown_name
+from tailforge.data.integrity import report
 
 from .base import Generator
 from .config import GenerateConfig
@@ -19,6 +20,7 @@ from .ddpm import DDPMGenerator
 from .featdict import FeatDictGenerator
 from .planner import Plan
 from .sd import SDGenerator
+from .space import space_warning
 from .shards import (ROWS, Progress, clean_partial, collect_candidates, make_shards, parse_shard_spec, quiet_hf,
                      rows_frame, shard_done, write_candidates)
 
@@ -43,6 +45,9 @@ def generate(run: RunDir | str, cfg: GenerateConfig | None = None, progress: Pro
     gen_dir = run.synthetic(cfg.generator)
     clean_partial(gen_dir, shards)
     todo = [s for s in shards if not shard_done(gen_dir / s.id)]
+    warn = space_warning(run, cfg.generator, sum(s.size for s in todo))  # early, not hours in
+    if warn:
+        report(warn)
     total = sum(s.size for s in shards)
     done = total - sum(s.size for s in todo)
     if progress:

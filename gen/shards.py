@@ -4,7 +4,8 @@ that runs them is ``driver.py``, above the generators).
 A shard is one class and an index range ``[start, stop)`` of that class's planned samples. It is
 written as ``synthetic/<gen>/<shard-id>/`` (files + ``rows.parquet``) through ``tailforge.data.atomic_dir``:
 the folder appears complete or not at all, so Ctrl-C mid-shard leaves only a ``.tmp-*`` folder that
-the next run removes. A folder with ``rows.parquet`` is finished and is skipped on re-run.
+the next run removes. A folder with ``rows.parquet`` whose files match its ``.integrity.json`` is
+finished and is skipped on re-run; a damaged one is generated again.
 """
 from __future__ import annotations
 
@@ -83,7 +84,14 @@ def parse_shard_spec(spec: str | None) -> tuple[int, int]:
 
 
 def shard_done(folder: Path) -> bool:
-    return (folder / ROWS).is_file()
+    """A finished shard: ``rows.parquet`` is there and every file matches the folder's record
+    (``.integrity.json``, written by ``atomic_dir``). A damaged shard (a truncated PNG or feature file)
+    is reported in one line and is not done, so it alone is generated again."""
+    from tailforge.data.integrity import folder_ok
+
+    if not (folder / ROWS).is_file():
+        return False
+    return folder_ok(folder, f"shard {folder.name}", show_root=folder.parent.parent.parent)
 
 
 def clean_partial(gen_dir: Path, shards: list[Shard]) -> None:

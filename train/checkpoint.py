@@ -14,6 +14,7 @@ import torch
 
 from tailforge.data.atomic import read_json
 from tailforge.data.errors import TailforgeError
+from tailforge.data.integrity import check_folder
 
 from .models import Classifier, create_model
 
@@ -46,16 +47,40 @@ def load_model(model_dir, device: str | None = "cpu") -> tuple[Classifier, dict]
     if not cfg_path.is_file() or not (model_dir / "model.safetensors").is_file():
         raise TailforgeError(f"{model_dir} is not a trained model folder (config.json + model.safetensors)",
                              "train it first with `tailforge train`, or check the model name")
-    meta = read_json(cfg_path)["meta"]
+    damage = check_folder(model_dir, show_root=model_dir)
+    if damage:
+        raise damaged_checkpoint(model_dir, damage[0].describe())
+    try:
+        meta = read_json(cfg_path)["meta"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise damaged_checkpoint(model_dir, f"config.json ({type(exc).__name__}: {exc})") from None
     model = build_from_meta(meta)
     try:
-        model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+        weights = load_file(str(model_dir / "model.safetensors"))
+    except Exception as exc:  # SafetensorError, OSError: a truncated or overwritten file  # noqa: BLE001
+        first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise damaged_checkpoint(model_dir, f"model.safetensors ({first})") from None
+    try:
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise TailforgeError(f"checkpoint {model_dir} does not match its config.json ({first})",
                              "the folder was edited or mixed up; retrain the model") from None
     dev = resolve_device(device)
     return model.to(dev).eval(), meta
+
+
+def damaged_checkpoint(model_dir: Path, what: str) -> TailforgeError:
+    """One line naming the damaged file of a model folder (``what``: the file in it, with why) and the
+    command that rebuilds it."""
+    model_dir = Path(model_dir)
+    run, name = model_dir.parent.parent, model_dir.name
+    if (run / ".flows" / f"train-{name}.json").exists() and (run / "config.yaml").exists():  # made by a flow
+        fix = f"`tailforge run --config {run / 'config.yaml'}` trains it again and redoes what depends on it"
+    else:
+        fix = (f"train it again with `tailforge train --run {run} --name {name}` and the options recorded in "
+               f"{model_dir / 'config.json'} (key 'train')")
+    return TailforgeError(f"damaged checkpoint: {model_dir}/{what}", fix)
 
 
 def preprocess(images_uint8: np.ndarray, meta: dict, device=None) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from tailforge.data.atomic import atomic_dir, atomic_path, read_json, write_json, write_text
 from tailforge.data.errors import TailforgeError, unknown_name
+from tailforge.data.integrity import folder_ok
 from tailforge.data.images import load_images, load_npy
 from tailforge.data.manifest import read_manifest, train_rows
 from tailforge.data.run import RunDir
@@ -397,6 +398,8 @@ def finished(run: RunDir, cfg: TrainConfig, name: str) -> Path | None:
     if not name or "/" in name or name.startswith("."):
         raise TailforgeError(f"invalid model name '{name}'", "use a plain folder name like resnet32-ce-s0")
     final = run.model_dir(name)
+    if (final / "config.json").exists() and not folder_ok(final, f"training {name}", show_root=run.root):
+        return None  # damaged (a truncated checkpoint): trained again, replacing the folder
     if (final / "config.json").exists():
         old = read_json(final / "config.json").get("identity")
         if old == cfg.identity():
