@@ -22,13 +22,14 @@ another content hash. How much is hashed on a check is set by ``TAILFORGE_VERIFY
     no checks (records are still written).
 
 Damage is reported as one line, ``damaged: <path> (size 1000, recorded 380312); redoing <stage>``,
-through the Prefect run logger inside a flow, on stderr otherwise. The hash is xxh3-64 when the
+through the Prefect run logger inside a flow, the ``tailforge`` logger otherwise. The hash is xxh3-64 when the
 ``xxhash`` package is installed, BLAKE2b-64 from the standard library otherwise.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -213,7 +214,8 @@ def damage_line(damage: list[Damage], redo: str, most: int = 3) -> str:
 
 
 def report(line: str) -> None:
-    """One warning line: the Prefect run logger inside a flow or task run, stderr otherwise."""
+    """One warning line: the Prefect run logger inside a flow or task run (so the UI shows it with the
+    task), the ``tailforge`` logger otherwise (the CLI prints ``warning: damaged: ...``)."""
     if "prefect" in sys.modules:
         try:
             from prefect.exceptions import MissingContextError
@@ -226,7 +228,7 @@ def report(line: str) -> None:
                 pass
         except ImportError:  # pragma: no cover
             pass
-    print(f"tailforge: {line}", file=sys.stderr, flush=True)
+    logging.getLogger("tailforge").warning(line)
 
 
 # --------------------------------------------------------------------------- stage stamps

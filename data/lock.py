@@ -17,9 +17,9 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -38,7 +38,7 @@ class RunLocked(TailforgeError):
 
 
 def _say(line: str) -> None:
-    print(f"tailforge: {line}", file=sys.stderr, flush=True)
+    logging.getLogger("tailforge").warning(line)  # the CLI prints it as `warning: ...` (data/log.py)
 
 
 def _read(fd: int) -> dict:

@@ -25,6 +25,8 @@ from tailforge.data import RunDir, TailforgeError, atomic_dir, atomic_path, inte
 from tailforge.data.diskspace import DiskFull, is_disk_full
 from tailforge.data.lock import LOCK, RunLocked, run_lock
 from tailforge.flows.cli import main
+from tailforge.flows.tasks import is_done, mark_done, stamp_path  # imports Prefect, which sets up logging: here,
+# not inside a test, where it would replace pytest's log capture handler
 from tailforge.gen import DDPMOptions, GenerateConfig, PlanConfig, generate, plan_run
 from tailforge.gen.shards import ROWS, shard_done
 
@@ -89,9 +91,14 @@ def test_sealed_folder_checks_sizes_and_hashes_its_tables(tmp_path, monkeypatch)
     assert integrity.check_folder(folder) is None
 
 
-def test_stage_stamp_records_outputs_and_redoes_a_damaged_stage(tmp_path, capsys):
-    from tailforge.flows.tasks import is_done, mark_done, stamp_path
+def warnings_of(caplog) -> list[str]:
+    """The ``tailforge`` logger's warning lines (the CLI prints them as ``warning: ...``)."""
+    lines = [r.getMessage() for r in caplog.records if r.name == "tailforge" and r.levelname == "WARNING"]
+    caplog.clear()
+    return lines
 
+
+def test_stage_stamp_records_outputs_and_redoes_a_damaged_stage(tmp_path, caplog):
     run = RunDir(tmp_path / "run")
     run.root.mkdir()
     out = run.root / "candidates.parquet"
@@ -102,15 +109,14 @@ def test_stage_stamp_records_outputs_and_redoes_a_damaged_stage(tmp_path, capsys
     assert stamp["rows"] == 100 and stamp["files"]["candidates.parquet"]["size"] == out.stat().st_size
     assert is_done(run, "candidates", "k1", [out])
     assert not is_done(run, "candidates", "k2", [out])  # other settings: redone, not "damaged"
-    assert "damaged" not in capsys.readouterr().err
+    assert warnings_of(caplog) == []
 
     size = out.stat().st_size
     with open(out, "r+b") as fh:  # a truncated parquet table
         fh.truncate(size // 2)
     assert not is_done(run, "candidates", "k1", [out])
-    err = capsys.readouterr().err
-    assert one_line(err) and (f"damaged: candidates.parquet (size {size // 2}, recorded {size}); "
-                              "redoing candidates") in err
+    assert warnings_of(caplog) == [f"damaged: candidates.parquet (size {size // 2}, recorded {size}); "
+                                   "redoing candidates"]
     assert not out.exists()  # removed: the stage rewrites it (and cannot skip work because it exists)
 
 
@@ -140,7 +146,7 @@ def tiny_ddpm() -> GenerateConfig:
                           ddpm=DDPMOptions(ddpm_preset="tiny", ddpm_train_steps=6, ddpm_sample_steps=2))
 
 
-def test_a_truncated_png_redoes_its_shard_only(digits_run_copy, capsys):
+def test_a_truncated_png_redoes_its_shard_only(digits_run_copy, caplog):
     run = digits_run_copy
     plan_run(run, PlanConfig(classes=["8", "9"], target="fixed", count=17, overgen=1.0))
     df = generate(run, tiny_ddpm())
@@ -151,11 +157,10 @@ def test_a_truncated_png_redoes_its_shard_only(digits_run_copy, capsys):
     mtimes = {p: p.stat().st_mtime_ns for p in shards}
     with open(victim, "r+b") as fh:
         fh.truncate(20)
-    capsys.readouterr()
+    caplog.clear()
     assert not shard_done(victim.parent)
-    err = capsys.readouterr().err
     rel = victim.relative_to(run.root).as_posix()
-    assert one_line(err) and f"damaged: {rel} (size 20, recorded {len(good)}); redoing shard {victim.parent.name}" in err
+    assert warnings_of(caplog) == [f"damaged: {rel} (size 20, recorded {len(good)}); redoing shard {victim.parent.name}"]
 
     df2 = generate(run, tiny_ddpm())
     assert victim.read_bytes() == good  # the same seeds make the same image
@@ -170,7 +175,7 @@ def trained(digits_run_copy):
     return digits_run_copy
 
 
-def test_truncated_checkpoint_is_one_line_in_eval_and_train_redoes_it(trained, capsys):
+def test_truncated_checkpoint_is_one_line_in_eval_and_train_redoes_it(trained, capsys, caplog):
     run = trained
     weights = run.model_dir("m") / "model.safetensors"
     size = weights.stat().st_size
@@ -193,10 +198,10 @@ def test_truncated_checkpoint_is_one_line_in_eval_and_train_redoes_it(trained, c
 
     # the same train command notices the damage and trains it again (same settings, same weights)
     (run.model_dir("m") / integrity.RECORD).write_text(record)
-    capsys.readouterr()
+    caplog.clear()
     train.fit(run, train.TrainConfig(**FAST), "m")
-    err = capsys.readouterr().err
-    assert f"damaged: models/m/model.safetensors (size 1000, recorded {size}); redoing training m" in err
+    assert warnings_of(caplog) == [f"damaged: models/m/model.safetensors (size 1000, recorded {size}); "
+                                   "redoing training m"]
     again = train.load_model(run.model_dir("m"))[0].state_dict()
     assert all(np.array_equal(good[k].numpy(), again[k].numpy()) for k in good)
 
