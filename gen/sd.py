@@ -9,6 +9,7 @@ mates), weights in bf16/fp16 on a GPU, channels-last, PyTorch SDPA attention.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -77,6 +78,9 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype: str = "auto", s
     kw = dict(safety_checker=None, requires_safety_checker=False,
               feature_extractor=None)
     kw[dtype_kwarg()] = pick_dtype(dtype, device)
+    # accelerate is optional: with it, low-memory loading (less peak RAM); without it, say so to diffusers,
+    # which otherwise prints its "accelerate not found" advice on every run
+    kw["low_cpu_mem_usage"] = importlib.util.find_spec("accelerate") is not None
     if path.exists():
         check_folder(path)
         pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kw)
