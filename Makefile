@@ -4,7 +4,7 @@ PIP ?= $(PY) -m pip
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install datasets run test test-all bench clean
+.PHONY: install datasets run test test-all bench readme-numbers clean
 
 install: datasets
 	$(PIP) install -q -e '.[dev]'
@@ -24,6 +24,10 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q --timeout 1800
+
+# README's default-run block (between its readme-numbers markers) from a fresh, timed `tailforge run`.
+readme-numbers: install
+	$(PY) bench/readme_numbers.py
 
 clean:
 	rm -rf runs .pytest_cache
