@@ -10,6 +10,7 @@ address one row of a ``.npy`` array (array-backed datasets, feature shards).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +20,10 @@ from .errors import TailforgeError
 
 REQUIRED = ("sample_id", "uri", "label", "class_name", "split", "source")
 SPLITS = ("train", "val", "test")
-SOURCES = ("real", "sd", "sd-img2img", "ddpm", "featdict")
+SOURCES = ("real", "sd", "sd-img2img", "ddpm", "featdict", "featcov")  # real + the built-in generators' sources
+FEATURE_SOURCES = ("featdict", "featcov")  # their samples are feature vectors (uri ``path.npy#row``)
+# a generator added later names its own source (docs/architecture.md): any lower-case name
+SOURCE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 
 
 def validate(df: pd.DataFrame, what: str = "manifest") -> pd.DataFrame:
@@ -32,9 +36,10 @@ def validate(df: pd.DataFrame, what: str = "manifest") -> pd.DataFrame:
     bad_split = set(df["split"].unique()) - set(SPLITS)
     if bad_split:
         raise TailforgeError(f"{what} has unknown split(s) {sorted(bad_split)}", f"use {', '.join(SPLITS)}")
-    bad_src = set(df["source"].unique()) - set(SOURCES)
+    bad_src = [s for s in df["source"].unique() if not (isinstance(s, str) and SOURCE_NAME.fullmatch(s))]
     if bad_src:
-        raise TailforgeError(f"{what} has unknown source(s) {sorted(bad_src)}", f"use {', '.join(SOURCES)}")
+        raise TailforgeError(f"{what} has invalid source(s) {sorted(map(repr, bad_src))}",
+                             f"a source is real or a generator's name in lower case ({', '.join(SOURCES[1:])}, ...)")
     if df["sample_id"].duplicated().any():
         dup = df.loc[df["sample_id"].duplicated(), "sample_id"].iloc[0]
         raise TailforgeError(f"{what} has duplicate sample_id '{dup}'", "sample ids must be unique")
@@ -65,3 +70,17 @@ def train_rows(df: pd.DataFrame) -> pd.DataFrame:
         keep = (df["source"] == "real") | df["accepted"].fillna(False).astype(bool)
         df = df[keep]
     return df
+
+
+def is_feature(df) -> "np.ndarray":
+    """Rows whose sample is a feature vector of a classifier's backbone, not an image: bool array.
+
+    A feature generator names itself in ``FEATURE_SOURCES`` or writes the ``feature_model`` column."""
+    import numpy as np
+
+    if not len(df):
+        return np.zeros(0, bool)
+    out = df["source"].isin(FEATURE_SOURCES).to_numpy(dtype=bool)
+    if "feature_model" in df.columns:
+        out |= df["feature_model"].notna().to_numpy(dtype=bool) & (df["source"] != "real").to_numpy(dtype=bool)
+    return out

@@ -57,13 +57,14 @@ def _collect(items, split: str) -> list[dict]:
 
 
 def compare(items, names=None, *, baseline: str | None = None, split: str | None = None,
-            cfg: CompareConfig | None = None, out_dir=None) -> dict:
+            cfg: CompareConfig | None = None, out_dir=None, lead: tuple[str, str] | None = None) -> dict:
     """Compare evaluations; writes ``compare.json`` and ``report.md`` into ``out_dir``
     (default: the first run's ``eval/``) and returns the JSON dict (with ``markdown``).
 
     ``items``: a run folder / ``RunDir`` or a list of run folders, ``RUN:MODEL`` specs and eval JSON
     paths. With ``names``, ``items`` is one run and only those models are compared (evaluated first
-    when their JSON is missing).
+    when their JSON is missing). ``lead=(control, treatment)`` opens the report with the verdict of
+    ``synthetic_verdict`` (e.g. ``("real-only", "rebalanced")``).
     """
     cfg = cfg or CompareConfig()
     upd = {k: v for k, v in (("baseline", baseline), ("split", split)) if v is not None}
@@ -102,6 +103,12 @@ def compare(items, names=None, *, baseline: str | None = None, split: str | None
                         for m in cfg.metrics}
     result = {"split": cfg.split, "baseline": baseline, "metrics": cfg.metrics, "methods": rows}
     result["markdown"] = to_markdown(result)
+    if lead is not None:
+        by_model = {e["model"]: e for e in evals}
+        if lead[0] in by_model and lead[1] in by_model:
+            v = synthetic_verdict(by_model[lead[0]], by_model[lead[1]])
+            result["verdict"] = v
+            result["markdown"] = v["markdown"] + "\n" + result["markdown"]
     out = Path(out_dir) if out_dir else Path(evals[0]["run"]) / "eval"
     write_json(out / "compare.json", result)
     write_text(out / "report.md", result["markdown"])
@@ -146,3 +153,46 @@ def to_markdown(result: dict) -> str:
     note = ("\n(ece: lower is better; many/medium/few: mean per-class accuracy of the group's classes; "
             "every number comes from the split named above.)\n")
     return head + "\n".join(lines) + "\n" + "\n".join(delta) + "\n" + note
+
+
+def synthetic_verdict(control: dict, treated: dict, rare: int = 3, margin: float = 0.005) -> dict:
+    """Did synthetic data help? ``treated`` (the recipe on real + synthetic) against ``control`` (the same
+    recipe on real data only), on the split both were evaluated on: balanced accuracy, each group, and
+    the ``rare`` classes with the fewest REAL train images. A gain below ``margin`` is "no gain"."""
+    if control.get("split") != treated.get("split"):
+        raise TailforgeError(f"cannot compare {control.get('split')} with {treated.get('split')} evaluations",
+                             "evaluate both models on the same split")
+    counts = np.asarray(control.get("real_train_counts") or control.get("train_counts") or [], dtype=float)
+    pc_c, pc_t = control.get("per_class") or [], treated.get("per_class") or []
+    rarest = [int(i) for i in np.argsort(counts, kind="stable")[:rare]] if len(counts) else []
+    names = control.get("class_names") or [str(i) for i in range(len(pc_c))]
+
+    def mean(pc, idx):
+        vals = [pc[i] for i in idx if i < len(pc) and pc[i] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    d_bal = treated["balanced_acc"] - control["balanced_acc"]
+    rc, rt = mean(pc_c, rarest), mean(pc_t, rarest)
+    helped = d_bal >= margin and (rc is None or rt is None or rt >= rc - margin)
+    split = treated.get("split")
+    c, t = control.get("model"), treated.get("model")
+    if helped:
+        head = (f"**Synthetic data helped**: `{t}` beats `{c}` (the same recipe on real data only) by "
+                f"{100 * d_bal:+.1f} points of balanced accuracy on the {split} split.")
+    elif d_bal >= margin:
+        head = (f"**Synthetic data did not help the rarest classes**: `{t}` gains {100 * d_bal:+.1f} points of "
+                f"balanced accuracy over `{c}` on the {split} split, but its {rare} rarest classes lose.")
+    else:
+        head = (f"**Synthetic data did not help**: `{t}` is {100 * d_bal:+.1f} points of balanced accuracy against "
+                f"`{c}` (the same recipe on real data only) on the {split} split. Keep the real-only recipe.")
+    rows = [("balanced accuracy", control["balanced_acc"], treated["balanced_acc"])]
+    for g in ("many", "medium", "few"):
+        if isinstance(control.get(g), (int, float)) and isinstance(treated.get(g), (int, float)):
+            rows.append((f"{g}-shot classes", control[g], treated[g]))
+    if rc is not None and rt is not None:
+        rows.append((f"{rare} rarest classes ({', '.join(str(names[i]) for i in rarest)})", rc, rt))
+    lines = [f"## Synthetic data: `{t}` vs `{c}`", "", head, "",
+             f"| {split} split | {c} | {t} | delta |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {a:.4f} | {b:.4f} | {100 * (b - a):+.1f} pt |" for k, a, b in rows]
+    return {"helped": bool(helped), "delta_balanced_acc": float(d_bal), "rarest": rarest,
+            "rarest_control": rc, "rarest_treated": rt, "markdown": "\n".join(lines) + "\n"}

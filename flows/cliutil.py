@@ -33,8 +33,9 @@ def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel], *, s
         ann = field.annotation
         origin = typing.get_origin(ann)
         args = typing.get_args(ann)
-        default = field.default
-        helptext = (field.description or "") + (f" [default: {default}]" if default not in (None, ...) else "")
+        default = field.get_default(call_default_factory=True)
+        shown = default not in (None, ...) and default != []
+        helptext = (field.description or "") + (f" [default: {default}]" if shown else "")
         kw: dict[str, Any] = dict(dest=prefix + name, default=argparse.SUPPRESS, help=helptext.replace("%", "%%"))
         if ann is bool:
             kw["action"] = argparse.BooleanOptionalAction

@@ -4,16 +4,17 @@ from __future__ import annotations
 import argparse
 
 from tailforge.data.errors import TailforgeError
-from tailforge.gen.config import DDPMOptions, FeatDictOptions, GenerateConfig, SDOptions
+from tailforge.data.manifest import FEATURE_SOURCES
+from tailforge.gen.config import DDPMOptions, FeatCovOptions, FeatDictOptions, GenerateConfig, SDOptions
 
 from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
 
-OPTION_MODELS = (("ddpm", DDPMOptions), ("featdict", FeatDictOptions), ("sd", SDOptions))
+OPTION_MODELS = (("ddpm", DDPMOptions), ("featdict", FeatDictOptions), ("featcov", FeatCovOptions), ("sd", SDOptions))
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "generate", help="generate the planned synthetic samples (ddpm, featdict or sd)",
+        "generate", help="generate the planned synthetic samples (ddpm, featdict, featcov or sd)",
         description="Run the shards of plan.json with one generator; each shard (one class, an index range) is "
         "written atomically under synthetic/<generator>/ and skipped when re-run; candidates.parquet is then "
         "rewritten as the union of all finished shards.",
@@ -75,7 +76,7 @@ def run(args) -> int:
     if len(mine) < planned:  # --shard i/n: the other workers' shards are not in yet
         con.print(f"[yellow]note:[/] {len(mine):,} of the plan's {planned:,} {cfg.generator} samples are finished; "
                   "run the other --shard workers (or this command without --shard) before `tailforge filter`")
-    if args.grids and cfg.generator != "featdict" and len(mine):
+    if args.grids and cfg.generator not in FEATURE_SOURCES and len(mine):
         paths = write_sample_grids(r, cfg.generator)
         con.print(f"sample grids: {paths[0].parent}/ ({len(paths)} classes)")
     return 0

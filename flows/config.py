@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tailforge.data import DataConfig, MeasureConfig, RunDir, TailforgeError
 from tailforge.data.errors import did_you_mean
@@ -99,6 +99,41 @@ class RunnerConfig(BaseModel):
     shard_retries: int = Field(2, ge=0, description="retries of a failed generation shard")
 
 
+FEATURE_GENERATORS = ("featdict", "featcov", "fdiff")  # generators whose samples are feature vectors
+
+
+class RecipeConfig(BaseModel):
+    """The rebalancing recipe. It is trained twice with the same settings, seed and budget: on real data
+    only (the `real-only` arm, the control that matters) and on real + synthetic data (`rebalanced`).
+    Empty fields take the value of `train`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Literal["full", "crt"] = Field(
+        "crt", description="crt: classifier re-training on the frozen backbone of the baseline (Kang et al. 2020; "
+        "feature generators need it); full: train the whole model again")
+    loss: Union[str, None] = Field("ce", description="loss of the recipe (default: train.loss)")
+    sampler: Union[str, None] = Field("class_balanced", description="sampler of the recipe (default: train.sampler)")
+    epochs: Union[int, None] = Field(10, ge=1, description="epochs of the recipe (default: train.epochs)")
+    lr: Union[float, None] = Field(None, gt=0, description="peak learning rate (default: train.lr)")
+    prior: Literal["all", "real"] = Field("all", description="class counts of the loss's prior: all training "
+                                          "samples or the real ones only (see train.prior)")
+    synthetic: Literal["filtered", "candidates"] = Field(
+        "filtered", description="synthetic data of the rebalanced arm: the filter's accepted samples, or every "
+        "candidate (the no-filter control)")
+    synthetic_weight: float = Field(1.0, ge=0, description="loss weight of a synthetic sample (real: 1)")
+
+    def train_config(self, train: BaseModel, base: str, synthetic: str) -> BaseModel:
+        upd = {"stage": self.stage, "prior": self.prior, "synthetic": synthetic,
+               "synthetic_weight": self.synthetic_weight, "base": base if self.stage == "crt" else None}
+        for k in ("loss", "sampler", "epochs", "lr"):
+            if getattr(self, k) is not None:
+                upd[k] = getattr(self, k)
+        if self.stage == "crt":
+            upd["teacher"] = None
+        return _with(train, **upd)
+
+
 class RunConfig(BaseModel):
     """One run of tailforge: dataset, long tail, plan, generator, filter, training and evaluation."""
 
@@ -116,8 +151,13 @@ class RunConfig(BaseModel):
                                  "is the one reported; model selection always uses val)")
     compare: CompareConfig = Field(default_factory=CompareConfig, description="the comparison report (its split "
                                    "and baseline follow `evaluate.split` and `baseline`)")
-    baseline: str = Field("baseline", description="model name of the real-only classifier")
-    rebalanced: str = Field("rebalanced", description="model name of the classifier trained on real + "
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig, description="the rebalancing recipe, trained on "
+                                 "real data only (real-only) and on real + synthetic data (rebalanced)")
+    baseline: str = Field("baseline", description="model name of the baseline: real data, `train` as given "
+                          "(plain CE by default); also the backbone of the crt recipe and the feature space "
+                          "of feature generators")
+    real_only: str = Field("real-only", description="model name of the recipe trained on real data only")
+    rebalanced: str = Field("rebalanced", description="model name of the recipe trained on real + "
                             "accepted synthetic data")
     runner: RunnerConfig = Field(default_factory=RunnerConfig, description="task runner")
 
@@ -130,11 +170,31 @@ class RunConfig(BaseModel):
         return getattr(self.evaluate, "split", "test")
 
     def rebalanced_train(self) -> BaseModel:
-        """The rebalanced model's TrainConfig: the same as the baseline's but with accepted synthetic data."""
-        return _with(self.train, synthetic="filtered")
+        """The rebalanced arm: the recipe on real + synthetic data (``recipe.synthetic``)."""
+        return self.recipe.train_config(self.train, self.baseline, self.recipe.synthetic)
+
+    def real_only_train(self) -> BaseModel:
+        """The real-only arm: the same recipe, settings, seed and budget on real data only."""
+        return self.recipe.train_config(self.train, self.baseline, "none")
 
     def baseline_train(self) -> BaseModel:
         return _with(self.train, synthetic="none")
+
+    @model_validator(mode="after")
+    def _routable(self) -> "RunConfig":
+        gen = getattr(self.generate, "generator", None)
+        if gen in FEATURE_GENERATORS and self.recipe.stage != "crt":
+            raise ValueError(f"generator '{gen}' makes feature vectors, which only classifier re-training can use, "
+                             "but recipe.stage is 'full': set recipe.stage: crt (flows/recipes/small-images.yaml "
+                             "does), or generate images (ddpm, sd)")
+        space = getattr(self.generate, "feature_model", None)
+        if gen in FEATURE_GENERATORS and space not in (None, self.baseline):
+            raise ValueError(f"generator '{gen}' samples the feature space of model '{space}', but the recipe "
+                             f"re-trains on the backbone of '{self.baseline}': set generate.feature_model: "
+                             f"{self.baseline}")
+        if len({self.baseline, self.real_only, self.rebalanced}) < 3:
+            raise ValueError("baseline, real_only and rebalanced must be three different model names")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=None)

@@ -414,7 +414,9 @@ def train_task(run: str, train_cfg, name: str, upstream: str = "") -> str:
     ident = train_cfg.identity() if hasattr(train_cfg, "identity") else train_cfg.model_dump(mode="json")
     data_key = _file_key(r.filtered) if getattr(train_cfg, "synthetic", "none") == "filtered" else \
         _file_key(r.candidates) if getattr(train_cfg, "synthetic", "none") == "candidates" else ""
-    key = settings_key(ident, name, upstream, data_key, _file_key(r.real))
+    base_key = _file_key(r.model_dir(train_cfg.base) / "model.safetensors") \
+        if getattr(train_cfg, "stage", "full") == "crt" and train_cfg.base else ""
+    key = settings_key(ident, name, upstream, data_key, _file_key(r.real), base_key)
     out = r.model_dir(name)
     if is_done(r, f"train-{name}", key, [out / "model.safetensors", out / "config.json"]):
         return cached(f"train {name}", r, str(out))
@@ -466,19 +468,21 @@ def publish_metrics(run: RunDir, name: str, split: str, metrics: dict) -> None:
 
 
 @task(name="compare", cache_policy=NONE, task_run_name="compare on {split}")
-def compare_task(run: str, names: list[str], baseline: str, split: str, compare_cfg=None) -> str:
-    """Baseline vs rebalanced: eval/report.md (+ compare.json), published as a markdown artifact."""
+def compare_task(run: str, names: list[str], baseline: str, split: str, compare_cfg=None,
+                 lead: tuple[str, str] | None = None) -> str:
+    """The arms side by side: eval/report.md (+ compare.json), published as a markdown artifact;
+    ``lead=(control, treatment)`` opens it with the synthetic-data verdict."""
     from tailforge import eval as ev
     from tailforge.eval.config import CompareConfig
 
     r = RunDir(run)
     cfg = (compare_cfg or CompareConfig()).model_copy(update={"split": split, "baseline": baseline})
     report = r.eval_dir / "report.md"
-    key = settings_key(names, cfg.model_dump(mode="json"),
+    key = settings_key(names, cfg.model_dump(mode="json"), list(lead or []),
                        [_file_key(r.eval_dir / f"{n}-{split}.json") for n in names])
     if is_done(r, "compare", key, [report]):
         return cached("compare", r, str(report))
-    ev.compare(r, list(names), cfg=cfg, out_dir=r.eval_dir)
+    ev.compare(r, list(names), cfg=cfg, out_dir=r.eval_dir, lead=tuple(lead) if lead else None)
     mark_done(r, "compare", key)
     publish_report(r)
     return str(report)
@@ -494,4 +498,4 @@ def publish_report(run: RunDir) -> None:
 
     text = re.sub(r"!\[([^\]]*)\]\((?!data:|https?:)([^)]+)\)", embed, text)
     markdown(artifact_key(run, "report"), text + f"\n\n_report file: `{report.resolve()}`_\n",
-             "baseline vs rebalanced: the comparison report")
+             "baseline, real-only and rebalanced: the comparison report")

@@ -3,16 +3,18 @@
 * ``plan(stats, PlanConfig) -> Plan`` / ``plan_run(run, cfg)`` (writes ``plan.json``)
 * ``generate(run, GenerateConfig, progress=None, shard=None) -> DataFrame`` runs the plan's shards with
   ``GENERATORS[cfg.generator]`` and rewrites ``candidates.parquet``
-* generators: ``ddpm`` (in-domain class-conditional diffusion, offline default), ``featdict``
-  (feature-dictionary oversampling in a classifier's feature space), ``sd`` (Stable Diffusion)
+* generators: ``ddpm`` (in-domain class-conditional diffusion), ``featdict`` (feature-dictionary
+  oversampling in a classifier's feature space), ``featcov`` (real tail anchors + borrowed head-class
+  covariance, in feature space), ``sd`` (Stable Diffusion)
 * ``FeatureDictOversampler``: the featdict algorithm on plain arrays (imbalanced-learn style)
 * ``write_sample_grids(run, generator)``: one PNG per class, real exemplars above synthetic samples
 """
 from __future__ import annotations
 
-from .config import DDPMOptions, FeatDictOptions, GenerateConfig, PlanConfig, SDOptions
+from .config import DDPMOptions, FeatCovOptions, FeatDictOptions, GenerateConfig, PlanConfig, SDOptions
 from .ddpm import DDPMGenerator
 from .driver import GENERATORS, generate
+from .featcov import FeatCovGenerator, FeatureCovOversampler
 from .featdict import FeatDictGenerator, FeatureDictOversampler
 from .grid import write_sample_grids
 from .planner import ClassQuota, Plan, plan, plan_run
@@ -23,5 +25,5 @@ __all__ = [
     "DDPMOptions", "FeatDictOptions", "GenerateConfig", "PlanConfig", "SDOptions", "ClassQuota", "Plan", "plan",
     "plan_run", "generate", "GENERATORS", "Shard", "make_shards", "parse_shard_spec", "sample_seed",
     "collect_candidates", "FeatureDictOversampler", "write_sample_grids", "DDPMGenerator", "FeatDictGenerator",
-    "SDGenerator",
+    "SDGenerator", "FeatCovOptions", "FeatCovGenerator", "FeatureCovOversampler",
 ]

@@ -71,11 +71,21 @@ class FeatDictOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    featdict_model: str = Field("baseline", description="trained classifier (models/<name>) whose backbone "
-                                "gives the features")
     featdict_atoms: int = Field(32, ge=1, description="dictionary atoms per class (k-means centroids)")
     featdict_k: int = Field(5, ge=1, description="nearest same-class atoms to interpolate towards")
     featdict_variation: float = Field(0.5, ge=0, description="scale of the transferred head-class variation")
+
+
+class FeatCovOptions(BaseModel):
+    """Feature-space oversampling with borrowed head-class covariance (gen/featcov.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    featcov_scale: float = Field(1.0, ge=0, description="scale of the borrowed head-class variation added to a "
+                                 "real tail anchor (0: copies of real features)")
+    featcov_heads: int = Field(0, ge=0, description="borrow the covariance of the k head classes nearest to the "
+                               "class (0: of every head class)")
+    featcov_shrink: float = Field(0.0, ge=0, le=1, description="shrink the borrowed covariance towards its diagonal")
 
 
 class SDOptions(BaseModel):
@@ -106,13 +116,17 @@ class GenerateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    generator: str = Field("ddpm", description="ddpm (offline default), featdict, sd")
+    generator: str = Field("ddpm", description="ddpm (in-domain image diffusion), featdict, featcov (feature "
+                           "vectors for the crt recipe), sd (Stable Diffusion)")
     shard_size: int = Field(64, ge=1, description="samples per shard (a shard is one class and an index range)")
     seed: int = Field(0, description="run seed; each sample's seed is f(seed, class, index)")
     batch_size: int = Field(64, ge=1, description="samples generated per forward pass")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    feature_model: str = Field("baseline", description="feature generators (featdict, featcov, fdiff): the trained "
+                               "classifier (models/<name>) whose backbone gives the feature space")
     ddpm: DDPMOptions = Field(default_factory=DDPMOptions, description="options of the ddpm generator")
     featdict: FeatDictOptions = Field(default_factory=FeatDictOptions, description="options of featdict")
+    featcov: FeatCovOptions = Field(default_factory=FeatCovOptions, description="options of featcov")
     sd: SDOptions = Field(default_factory=SDOptions, description="options of the sd generator")
 
     @field_validator("generator")

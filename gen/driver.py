@@ -17,6 +17,7 @@ from tailforge.data.integrity import report
 from .base import Generator
 from .config import GenerateConfig
 from .ddpm import DDPMGenerator
+from .featcov import FeatCovGenerator
 from .featdict import FeatDictGenerator
 from .planner import Plan
 from .sd import SDGenerator
@@ -24,7 +25,8 @@ from .space import space_warning
 from .shards import (ROWS, Progress, clean_partial, collect_candidates, make_shards, parse_shard_spec, quiet_hf,
                      rows_frame, shard_done, write_candidates)
 
-GENERATORS: dict[str, type[Generator]] = {"ddpm": DDPMGenerator, "featdict": FeatDictGenerator, "sd": SDGenerator}
+GENERATORS: dict[str, type[Generator]] = {"ddpm": DDPMGenerator, "featdict": FeatDictGenerator,
+                                          "featcov": FeatCovGenerator, "sd": SDGenerator}
 
 
 def generate(run: RunDir | str, cfg: GenerateConfig | None = None, progress: Progress | None = None,

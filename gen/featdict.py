@@ -100,21 +100,7 @@ class FeatureDictOversampler:
 
     def sampling_targets(self) -> dict:
         """label -> number of samples to ADD."""
-        counts = dict(zip(self.classes_.tolist(), self.counts_.tolist()))
-        s = self.sampling_strategy
-        if isinstance(s, dict):
-            unknown = set(s) - set(counts)
-            if unknown:
-                raise TailforgeError(f"sampling_strategy names unknown class(es) {sorted(unknown)}",
-                                     f"use labels among {sorted(counts)}")
-            return {c: max(int(n) - counts[c], 0) for c, n in s.items()}
-        top = max(counts.values())
-        if s in ("auto", "not majority"):
-            return {c: top - n for c, n in counts.items() if n < top}
-        if s == "minority":
-            c = min(counts, key=counts.get)
-            return {c: top - counts[c]}
-        raise TailforgeError(f"unknown sampling_strategy {s!r}", "use 'auto', 'not majority', 'minority' or a dict")
+        return sampling_targets(self.sampling_strategy, dict(zip(self.classes_.tolist(), self.counts_.tolist())))
 
     def fit_resample(self, X, y):
         """Real + synthetic features and labels (synthetic appended, class by class)."""
@@ -128,13 +114,31 @@ class FeatureDictOversampler:
         return np.concatenate(xs), np.concatenate(ys)
 
 
+def sampling_targets(strategy, counts: dict) -> dict:
+    """imbalanced-learn's ``sampling_strategy`` -> {label: number of samples to ADD}."""
+    s = strategy
+    if isinstance(s, dict):
+        unknown = set(s) - set(counts)
+        if unknown:
+            raise TailforgeError(f"sampling_strategy names unknown class(es) {sorted(unknown)}",
+                                 f"use labels among {sorted(counts)}")
+        return {c: max(int(n) - counts[c], 0) for c, n in s.items()}
+    top = max(counts.values())
+    if s in ("auto", "not majority"):
+        return {c: top - n for c, n in counts.items() if n < top}
+    if s == "minority":
+        c = min(counts, key=counts.get)
+        return {c: top - counts[c]}
+    raise TailforgeError(f"unknown sampling_strategy {s!r}", "use 'auto', 'not majority', 'minority' or a dict")
+
+
 def train_features(run, model_name: str, progress: Progress | None = None):
     """Backbone features (float32 N x D) and labels of the run's real TRAIN images."""
     model_dir = run.model_dir(model_name)
     if not (model_dir / "model.safetensors").exists():
         raise TailforgeError(f"featdict needs a trained classifier, and {model_dir} has none",
                              f"run `tailforge train --run {run.root} --name {model_name}` first, "
-                             "or pass --featdict-model NAME")
+                             "or pass --feature-model NAME")
     from tailforge import train  # the train package (load_model, embed)
 
     model, meta = train.load_model(model_dir)
@@ -151,7 +155,7 @@ class FeatDictGenerator(Generator):
 
     def prepare(self, plan: Plan, progress: Progress | None = None) -> None:
         o = self.cfg.featdict
-        X, y = train_features(self.run, o.featdict_model, progress)
+        X, y = train_features(self.run, self.cfg.feature_model, progress)
         self.sampler = FeatureDictOversampler(n_atoms=o.featdict_atoms, k_neighbors=o.featdict_k,
                                               variation=o.featdict_variation).fit(X, y)
 
@@ -162,6 +166,6 @@ class FeatDictGenerator(Generator):
         rows = []
         for k, index in enumerate(shard.indices()):
             row = base_row(shard, index, self.cfg.seed, self.source, f"synthetic/featdict/{shard.id}/features.npy#{k}")
-            row["feature_model"] = self.cfg.featdict.featdict_model
+            row["feature_model"] = self.cfg.feature_model
             rows.append(row)
         return rows

@@ -16,7 +16,7 @@ FEATURE_BYTES = 4 * 2048
 
 def estimate_bytes(info: dict, generator: str, n: int) -> int:
     """Rough bytes ``n`` samples of ``generator`` take in a run folder of dataset ``info``."""
-    if generator == "featdict":
+    if generator in ("featdict", "featcov"):
         return n * FEATURE_BYTES
     h, w = (int(x) for x in info["image_size"])
     return n * (h * w * int(info["channels"]) + PER_FILE)

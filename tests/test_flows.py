@@ -31,6 +31,7 @@ TINY = {
     "generate": {"generator": "ddpm", "shard_size": 8, "ddpm": {"ddpm_preset": "tiny", "ddpm_train_steps": 10,
                                                                 "ddpm_sample_steps": 2}},
     "train": {"model": "tiny", "width": 8, "epochs": 2, "batch_size": 128, "lr": 0.05, "hflip": False},
+    "recipe": {"epochs": 2},
     "evaluate": {"plots": False},
 }
 
@@ -111,7 +112,8 @@ def test_benchmark_end_to_end_writes_run_folder_and_artifacts(finished):
     out = state.result()
     for rel in ("config.yaml", "real.parquet", "counts.json", "counts.png", "plan.json", "candidates.parquet",
                 "filtered.parquet", "models/baseline/model.safetensors", "models/rebalanced/model.safetensors",
-                "eval/baseline-test.json", "eval/rebalanced-test.json", "eval/report.md", "eval/compare.json"):
+                "models/real-only/model.safetensors", "eval/baseline-test.json", "eval/real-only-test.json",
+                "eval/rebalanced-test.json", "eval/report.md", "eval/compare.json"):
         assert (run / rel).exists(), rel
     # config.yaml is the resolved config: it loads back to the same model
     assert load_config(run / "config.yaml") == cfg
@@ -121,16 +123,26 @@ def test_benchmark_end_to_end_writes_run_folder_and_artifacts(finished):
     # the rebalanced model trained on real + accepted synthetic rows, the baseline on real only
     filt = pd.read_parquet(run / "filtered.parquet")
     assert set(filt["sample_id"]) == set(cands["sample_id"])
-    assert out["report"].endswith("report.md") and "baseline" in (run / "eval" / "report.md").read_text()
-    assert set(out["metrics"]) == {"baseline", "rebalanced"}
+    report = (run / "eval" / "report.md").read_text()
+    assert out["report"].endswith("report.md") and "baseline" in report
+    # the report leads with the verdict of rebalanced vs real-only (the same recipe on real data only)
+    assert report.startswith("## Synthetic data: `rebalanced` vs `real-only`"), report[:200]
+    assert "Synthetic data helped" in report or "did not help" in report
+    assert set(out["metrics"]) == {"baseline", "real-only", "rebalanced"}
+    # real-only and rebalanced: the same recipe (cRT on the baseline's backbone), only the data differ
+    ro, rb = (json.loads((run / "models" / m / "config.json").read_text())["train"] for m in ("real-only", "rebalanced"))
+    assert ro["stage"] == rb["stage"] == "crt" and ro["base"] == rb["base"] == "baseline"
+    assert (ro["synthetic"], rb["synthetic"]) == ("none", "filtered")
+    assert {k: v for k, v in ro.items() if k != "synthetic"} == {k: v for k, v in rb.items() if k != "synthetic"}
     assert all(0 <= m["top1"] <= 1 for m in out["metrics"].values())
 
     arts = artifacts_of(state.state_details.flow_run_id)
     slug = "digits-bench"
     for key, kind in {"counts": "table", "histogram": "markdown", "plan": "table", "ddpm-training": "progress",
                       "generation": "progress", "candidates": "table", "filter": "table",
-                      "train-baseline": "progress", "train-rebalanced": "progress",
+                      "train-baseline": "progress", "train-rebalanced": "progress", "train-real-only": "progress",
                       "metrics-baseline-test": "table", "metrics-rebalanced-test": "table",
+                      "metrics-real-only-test": "table",
                       "report": "markdown"}.items():
         assert arts.get(f"{slug}-{key}") == kind, (key, sorted(arts))
     tasks = task_states(state.state_details.flow_run_id)

@@ -130,6 +130,20 @@ def test_the_package_has_no_import_circles():
         describe(c, graph, mods) for c in cycles)
 
 
+def test_stages_import_data_freely_and_nothing_imports_flows():
+    """DESIGN.md's layering: ``data`` at the bottom imports no other stage; ``flows`` wires everything and no
+    stage imports it back."""
+    graph, mods = import_graph()
+    wrong = []
+    for a, targets in graph.items():
+        for b, line in targets.items():
+            upward = b.startswith("tailforge.flows") and not a.startswith("tailforge.flows")
+            sideways = a.startswith("tailforge.data") and not b.startswith("tailforge.data")
+            if upward or sideways:
+                wrong.append(f"{a} ({mods[a].relative_to(REPO).as_posix()}:{line}) imports {b}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_cycle_finder_names_a_planted_circle(tmp_path):
     """The checker itself: a function-level import closing a circle is found and named with its lines."""
     (tmp_path / "pkg").mkdir()

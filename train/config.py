@@ -57,6 +57,11 @@ class TrainConfig(BaseModel):
         "candidates (every candidate, unfiltered)")
     synthetic_weight: float = Field(1.0, ge=0, description="per-sample loss weight of synthetic samples "
                                     "(real samples weigh 1)")
+    prior: Literal["all", "real"] = Field(
+        "all", description="class counts behind the loss's prior and weights (balanced softmax, logit adjust, "
+        "class-balanced, LDAM margins): all training samples (real + synthetic) or the real ones only. With "
+        "synthetic data that balances the classes, 'all' makes balanced softmax plain CE on a balanced set "
+        "(measured better in feature space: bench/results/feature_study.md)")
     # optimisation
     epochs: int = Field(10, ge=1, description="training epochs")
     batch_size: int = Field(128, ge=1, description="batch size: the global one; under DDP each of the N processes "

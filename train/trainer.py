@@ -26,7 +26,7 @@ from tailforge.data.atomic import atomic_dir, atomic_path, read_json, write_json
 from tailforge.data.errors import TailforgeError, unknown_name
 from tailforge.data.integrity import folder_ok
 from tailforge.data.images import load_images, load_npy
-from tailforge.data.manifest import read_manifest, train_rows
+from tailforge.data.manifest import is_feature, read_manifest, train_rows
 from tailforge.data.run import RunDir
 
 from .augment import augment, mix
@@ -227,7 +227,7 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
     if val.empty:
         raise TailforgeError(f"run {run.root} has no val split for model selection",
                              "rebuild the run with a val fraction > 0")
-    is_feat = rows["source"] == "featdict"
+    is_feat = pd.Series(is_feature(rows), index=rows.index)
     img_rows = rows[~is_feat]
     meta_extra = {"n_real": int((rows["source"] == "real").sum()), "n_synthetic_images": int((~is_feat).sum()
                   - (rows["source"] == "real").sum()), "n_featdict": 0}
@@ -293,6 +293,9 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
     weights = np.where(sources == "real", 1.0, cfg.synthetic_weight).astype(np.float32)
     counts = np.bincount(labels, minlength=nc)
     meta["train_counts"] = counts.tolist()
+    if cfg.prior == "real":  # the loss sees the real class frequencies (the sampler still sees every sample)
+        counts = np.bincount(labels[sources == "real"], minlength=nc)
+        meta["prior_counts"] = counts.tolist()
     meta.update(meta_extra)
     return task, model, labels, weights, counts, meta, val["label"].to_numpy()
 

@@ -12,10 +12,20 @@ import pandas as pd
 
 from tailforge.data.atomic import atomic_path, write_json, write_text
 from tailforge.data.images import load_images
+from tailforge.data.manifest import is_feature
 from tailforge.data.log import grouped, log
 from tailforge.data.run import RunDir
 
 REJECT_REASONS = ("wrong_class", "low_fidelity", "near_copy", "duplicate", "over_quota")
+COLUMNS = ("label", "class_name", "group", "need", "generated", "accepted", "rate", "mean_score",
+           "mean_score_accepted")  # of the class table, then one count column per reject reason
+
+
+def reasons(rows) -> list[str]:
+    """The built-in reject reasons, then those of extra rules (``score.RULES``) that occur, in name order:
+    ``rows`` is the candidates frame or rows of the class table."""
+    seen = set(rows["reason"]) if isinstance(rows, pd.DataFrame) else {k for r in rows for k in r} - set(COLUMNS)
+    return list(REJECT_REASONS) + sorted(seen - set(REJECT_REASONS) - {""})
 
 
 def class_groups(run: RunDir, num_classes: int) -> list[str]:
@@ -29,7 +39,7 @@ def class_groups(run: RunDir, num_classes: int) -> list[str]:
 
 def class_table(out: pd.DataFrame, quotas: dict[int, int], info: dict, groups: list[str]) -> list[dict]:
     """One row per class with candidates or a quota: generated / accepted / rate / mean score / reasons."""
-    rows = []
+    rows, extra = [], reasons(out)[len(REJECT_REASONS):]
     labels = sorted(set(out["label"].astype(int)) | {c for c, n in quotas.items() if n > 0})
     for c in labels:
         part = out[out["label"] == c]
@@ -45,7 +55,7 @@ def class_table(out: pd.DataFrame, quotas: dict[int, int], info: dict, groups: l
             "mean_score": round(float(part["score"].mean()), 4) if len(part) else None,
             "mean_score_accepted": round(float(acc["score"].mean()), 4) if len(acc) else None,
         }
-        for r in REJECT_REASONS:
+        for r in [*REJECT_REASONS, *extra]:
             row[r] = int((part["reason"] == r).sum())
         rows.append(row)
     return rows
@@ -57,7 +67,7 @@ def class_warnings(table: list[dict]) -> list[str]:
         if r["need"] > 0 and r["generated"] == 0:
             out.append(f"class {r['label']} ({r['class_name']}) needs {r['need']} samples but has no candidates")
         elif r["need"] > 0 and r["accepted"] == 0:
-            why = ", ".join(f"{k} {r[k]}" for k in REJECT_REASONS if r[k])
+            why = ", ".join(f"{k} {r[k]}" for k in reasons([r]) if r[k])
             out.append(f"class {r['label']} ({r['class_name']}): no candidate accepted of {r['generated']} ({why})")
     return out
 
@@ -69,15 +79,14 @@ def warning_lines(table: list[dict]) -> list[str]:
         return r["class_name"] if str(r["class_name"]) != str(r["label"]) else f"class {r['label']}"
 
     empty = [f"{name(r)} (needs {r['need']})" for r in table if r["need"] > 0 and r["generated"] == 0]
-    rejected = [f"{name(r)} (" + ", ".join(f"{r[k]} {k}" for k in REJECT_REASONS if r[k]) + ")"
+    rejected = [f"{name(r)} (" + ", ".join(f"{r[k]} {k}" for k in reasons([r]) if r[k]) + ")"
                 for r in table if r["need"] > 0 and r["generated"] > 0 and r["accepted"] == 0]
     out = [grouped("no candidates generated", empty)] if empty else []
     return out + ([grouped("no candidate accepted", rejected)] if rejected else [])
 
 
 def markdown(table: list[dict], warns: list[str], calibrations: dict, backend: str, split_note: str) -> str:
-    cols = ["label", "class_name", "group", "need", "generated", "accepted", "rate", "mean_score",
-            "mean_score_accepted", *REJECT_REASONS]
+    cols = [*COLUMNS, *reasons(table)]
     lines = ["# Filter report", "", split_note, "", f"Search backend: {backend}.", ""]
     for name, cal in calibrations.items():
         lines.append(f"- space `{name}`: near-copy ceiling {cal.novelty_ceiling:.4f}, duplicate threshold "
@@ -141,7 +150,7 @@ def plot_grid(run: RunDir, out: pd.DataFrame, label: int, info: dict, n: int, pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    part = out[(out["label"] == label) & (out["source"] != "featdict")].sort_values("score", ascending=False)
+    part = out[(out["label"] == label) & ~is_feature(out)].sort_values("score", ascending=False)
     if part.empty:
         return False
     rows = [part[part["accepted"]].head(n), part[~part["accepted"]].head(n)]

@@ -19,19 +19,51 @@ similarity-weighted vote of the k nearest real samples, or, with ``consistency="
 the nearest prototype), ``low_fidelity``, ``near_copy``; then among the survivors of each class, in
 order of decreasing score, ``duplicate`` (too close to an already kept candidate) and
 ``over_quota`` (the class's quota is full).
+
+Extra rules (``RULES``, none by default) run after ``near_copy`` on its survivors, in the order
+``cfg.rules`` names them; a candidate an extra rule rejects gets the rule's name as its reason.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from tailforge.data.errors import TailforgeError
+from tailforge.data.errors import TailforgeError, unknown_name
 
 from .index import FaissSearch, l2_normalize
 
 REASONS = ("", "wrong_class", "low_fidelity", "near_copy", "duplicate", "over_quota")
+
+# Extra rules by name: ``fn(frame, cand, cand_labels, cal, cfg) -> bool array``, True = reject. ``frame`` holds
+# the scores of the candidates (score_consistency, score_fidelity, score_novelty, score, fidelity_threshold,
+# reason), ``cand`` their normalised vectors in this space, ``cal`` its Calibration.
+RULES: dict[str, Callable[..., np.ndarray]] = {}
+
+
+def rule(name: str):
+    """Register an extra filter rule: ``@rule("low_margin")`` on a function of the ``RULES`` signature."""
+    def deco(fn):
+        RULES[name] = fn
+        return fn
+
+    return deco
+
+
+def check_rules(cfg) -> None:
+    for name in getattr(cfg, "rules", None) or ():
+        if name not in RULES:
+            raise unknown_name("filter rule", name, RULES)
+
+
+def apply_rules(frame: pd.DataFrame, cand: np.ndarray, cand_labels: np.ndarray, cal: Calibration, cfg) -> None:
+    """The extra rules of ``cfg.rules``, in order, on the candidates that every rule before passed."""
+    for name in getattr(cfg, "rules", None) or ():
+        fails = np.asarray(RULES[name](frame, cand, cand_labels, cal, cfg), bool)
+        alive = frame["reason"].to_numpy() == ""
+        frame["reason"] = np.where(alive & fails, name, frame["reason"].to_numpy()).astype(object)
 
 
 @dataclass
@@ -147,7 +179,7 @@ def real_queries(n: int, cfg) -> np.ndarray:
 
 def score_space(real: np.ndarray, real_labels: np.ndarray, cand: np.ndarray, cand_labels: np.ndarray,
                 num_classes: int, cfg, search=None) -> tuple[pd.DataFrame, Calibration]:
-    """Scores and rule outcomes (``wrong_class``/``low_fidelity``/``near_copy``) of one space.
+    """Scores and rule outcomes (``wrong_class``/``low_fidelity``/``near_copy``, then ``cfg.rules``) of one space.
 
     One index over the real vectors answers both the calibration queries and the candidates.
     """
@@ -159,6 +191,7 @@ def score_space(real: np.ndarray, real_labels: np.ndarray, cand: np.ndarray, can
     if cand.shape[1] != real.shape[1]:
         raise TailforgeError(f"candidate embeddings have dimension {cand.shape[1]} but the real ones {real.shape[1]}",
                              "score feature candidates with the classifier that produced them (feature_model)")
+    check_rules(cfg)
     counts = np.bincount(real_labels, minlength=num_classes)
     orphan = sorted(set(np.unique(cand_labels)) - set(np.flatnonzero(counts)))
     if orphan:
@@ -195,6 +228,7 @@ def score_space(real: np.ndarray, real_labels: np.ndarray, cand: np.ndarray, can
         "reason": reason.astype(object),
     })
     frame["score_duplicate"] = max_sim_within_class(cand, cand_labels, search)
+    apply_rules(frame, cand, cand_labels, cal, cfg)
     return frame, cal
 
 

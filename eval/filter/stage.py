@@ -18,12 +18,12 @@ from typing import Callable, Literal, Optional, Union
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tailforge.data.atomic import read_json, write_json
-from tailforge.data.errors import TailforgeError
+from tailforge.data.errors import TailforgeError, did_you_mean
 from tailforge.data.images import load_images, load_npy
-from tailforge.data.manifest import read_manifest, write_manifest
+from tailforge.data.manifest import is_feature, read_manifest, write_manifest
 from tailforge.data.run import RunDir
 
 Progress = Optional[Callable[[int, int, dict], None]]
@@ -34,9 +34,10 @@ class FilterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    embedder: Literal["classifier", "clip", "timm"] = Field(
+    embedder: str = Field(
         "classifier", description="embedding model: classifier (penultimate features of a classifier trained on "
-        "the run's real train split), clip (transformers CLIP vision encoder), timm (a timm backbone)")
+        "the run's real train split), clip (transformers CLIP vision encoder), timm (a timm backbone), or any "
+        "name registered in tailforge.eval.filter.EMBEDDERS")
     model: Union[str, None] = Field(None, description="classifier embedder: the model folder models/<name> "
                                     "(default: baseline, or the run's only model)")
     embedder_path: Union[str, None] = Field(None, description="clip/timm: local folder or weights file "
@@ -71,6 +72,33 @@ class FilterConfig(BaseModel):
     grid_samples: int = Field(8, ge=1, description="accepted and rejected samples shown per tail class grid")
     cache: bool = Field(True, description="cache embeddings under <run>/filter/cache")
     seed: int = Field(0, description="seed of calibration sampling")
+    rules: list[str] = Field(default_factory=list, description="extra rules registered in "
+                             "tailforge.eval.filter.score.RULES, applied after the built-in ones in this order "
+                             "(none by default)")
+
+    @field_validator("embedder")
+    @classmethod
+    def _known_embedder(cls, v: str) -> str:
+        from .embedders import EMBEDDERS
+
+        return _known(v.strip(), EMBEDDERS, "embedder")
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _known_rules(cls, v):
+        from .score import RULES
+
+        v = [v] if isinstance(v, str) else v  # `--rules low_margin`: one name
+        return [_known(str(n).strip(), RULES, "filter rule") for n in v] if isinstance(v, (list, tuple)) else v
+
+
+def _known(name: str, registry, kind: str) -> str:
+    """``name`` if registered, else a ValueError naming the nearest and the valid ones (pydantic reports it)."""
+    if name not in registry:
+        valid = sorted(registry)
+        raise ValueError(f"unknown {kind} '{name}': " + (did_you_mean(name, valid) + "valid: " + ", ".join(valid)
+                         if valid else f"none is registered (see docs/architecture.md: add a {kind})"))
+    return name
 
 
 SCORE_COLUMNS = ("score_consistency", "score_fidelity", "score_novelty", "score_duplicate", "score")
@@ -138,13 +166,13 @@ def load_features(run: RunDir, uris: list[str]) -> np.ndarray:
 
 def _space_groups(cands: pd.DataFrame, cfg: FilterConfig) -> dict[tuple[str, str], np.ndarray]:
     """Candidate row positions per embedding space: ("image", embedder) or ("features", feature_model)."""
-    is_feat = (cands["source"] == "featdict").to_numpy()
+    is_feat = is_feature(cands)
     groups = {}
     if (~is_feat).any():
         groups[("image", cfg.embedder)] = np.flatnonzero(~is_feat)
     if is_feat.any():
         if "feature_model" not in cands.columns or cands.loc[is_feat, "feature_model"].isna().any():
-            raise TailforgeError("featdict candidates lack the column feature_model",
+            raise TailforgeError("feature candidates lack the column feature_model",
                                  "regenerate them: each feature row must name the classifier it came from")
         fm = cands["feature_model"].to_numpy()
         for m in sorted(set(fm[is_feat])):

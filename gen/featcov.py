@@ -1,0 +1,131 @@
+"""Feature-space oversampling with borrowed head-class covariance (``featcov``).
+
+A backbone trained on a long tail maps the few training images of a tail class into a tight
+cluster: it has fitted them. Test images of that class spread much wider, so a classifier
+re-trained on the tail's own features (or on copies of them, as class-balanced sampling does)
+draws the class boundary too close to the tail. ``featcov`` widens the tail with the variation the
+head classes show: the within-class covariance of the head is the best estimate we have of how
+far a class's features really spread (the idea of distribution calibration, Yang et al., ICLR 2021,
+"Free Lunch for Few-shot Learning", and of head-to-tail variation transfer in feature space,
+e.g. Chu et al., ECCV 2020; our construction, exact and deterministic):
+
+1. **Fit.** For every class: its real train features X_c. Head classes are those with at least the
+   median count (and >= 3 samples). Sigma = the mean within-class covariance of the head classes
+   (or of the ``heads`` head classes whose means are nearest to class c), shrunk towards its
+   diagonal by ``shrink``.
+2. **Sample** one feature of class t from its own seed: anchor x ~ uniform over X_t;
+   ``x_new = x + scale * L z``, z ~ N(0, I), L L^T = Sigma. Features of a ReLU / pooled backbone
+   (all >= 0) are clipped at 0.
+
+``FeatureCovOversampler`` is the algorithm on arrays (imbalanced-learn style ``fit_resample``);
+``FeatCovGenerator`` runs it in a trained classifier's feature space, like ``featdict``. Selected
+over featdict on the VAL split of Fashion-MNIST-LT (bench/results/feature_study.md).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tailforge.data import TailforgeError
+
+from .base import Generator
+from .featdict import sampling_targets, train_features
+from .planner import Plan
+from .shards import Progress, Shard, base_row, sample_seed
+
+
+class FeatureCovOversampler:
+    """Oversample classes in feature space: a real anchor of the class plus Gaussian head-class variation."""
+
+    def __init__(self, sampling_strategy="auto", scale: float = 1.0, heads: int = 0, shrink: float = 0.0,
+                 random_state: int | None = None):
+        if scale < 0 or not 0 <= shrink <= 1 or heads < 0:
+            raise TailforgeError(f"featcov needs scale >= 0, 0 <= shrink <= 1 and heads >= 0 "
+                                 f"(got {scale}, {shrink}, {heads})", "fix the featcov options")
+        self.sampling_strategy = sampling_strategy
+        self.scale, self.heads, self.shrink = scale, heads, shrink
+        self.random_state = random_state
+
+    def fit(self, X, y) -> "FeatureCovOversampler":
+        X = np.asarray(X, dtype=np.float64)
+        y = np.asarray(y)
+        if X.ndim != 2 or len(X) != len(y):
+            raise TailforgeError(f"features must be an N x D array with one label each, got {X.shape} and {y.shape}",
+                                 "pass X (N, D) and y (N,)")
+        self.classes_, self.counts_ = np.unique(y, return_counts=True)
+        self.X_ = {c: X[y == c].astype(np.float32) for c in self.classes_}
+        self.nonneg_ = bool(X.min() >= 0)
+        self.mean_ = {c: X[y == c].mean(0) for c in self.classes_}
+        head = [c for c, n in zip(self.classes_, self.counts_) if n >= np.median(self.counts_) and n >= 3]
+        if not head:
+            raise TailforgeError("featcov needs at least one class with 3 or more real features to borrow variation "
+                                 "from", "use featdict, or a dataset with a populated head")
+        self.head_ = head
+        self.cov_ = {h: np.cov(X[y == h].T) for h in head}
+        self._chol: dict = {}
+        return self
+
+    def _factor(self, label) -> np.ndarray:
+        """Cholesky factor of the covariance borrowed by class ``label`` (cached)."""
+        if label not in self._chol:
+            near = self.head_
+            if self.heads:
+                near = sorted(self.head_, key=lambda h: float(((self.mean_[h] - self.mean_[label]) ** 2).sum()))
+                near = [h for h in near if h != label][:self.heads] or self.head_
+            cov = np.mean([self.cov_[h] for h in near], 0)
+            if self.shrink:
+                cov = (1 - self.shrink) * cov + self.shrink * np.diag(np.diag(cov))
+            d = len(cov)
+            jitter = 1e-6 * max(float(np.trace(cov)) / d, 1e-12)
+            self._chol[label] = np.linalg.cholesky(cov + jitter * np.eye(d)).astype(np.float32)
+        return self._chol[label]
+
+    def sample(self, label, seeds) -> np.ndarray:
+        """float32 (len(seeds), D): one synthetic feature of class ``label`` per seed (independent of batching)."""
+        if label not in self.X_:
+            raise TailforgeError(f"class {label} has no real features to oversample from",
+                                 "plan only classes with at least one train image")
+        xc, L = self.X_[label], self._factor(label)
+        out = np.empty((len(seeds), xc.shape[1]), dtype=np.float32)
+        for i, seed in enumerate(seeds):
+            rng = np.random.default_rng(int(seed))
+            x = xc[rng.integers(len(xc))]
+            out[i] = x + self.scale * (L @ rng.standard_normal(xc.shape[1]).astype(np.float32))
+        return np.maximum(out, 0) if self.nonneg_ else out
+
+    def sampling_targets(self) -> dict:
+        """label -> number of samples to ADD."""
+        return sampling_targets(self.sampling_strategy, dict(zip(self.classes_.tolist(), self.counts_.tolist())))
+
+    def fit_resample(self, X, y):
+        """Real + synthetic features and labels (synthetic appended, class by class)."""
+        self.fit(X, y)
+        rng = np.random.default_rng(self.random_state)
+        xs, ys = [np.asarray(X, dtype=np.float32)], [np.asarray(y)]
+        for c, n in sorted(self.sampling_targets().items()):
+            if n > 0:
+                xs.append(self.sample(c, rng.integers(0, 2**63 - 1, size=n)))
+                ys.append(np.full(n, c, dtype=np.asarray(y).dtype))
+        return np.concatenate(xs), np.concatenate(ys)
+
+
+class FeatCovGenerator(Generator):
+    name = "featcov"
+    source = "featcov"
+
+    def prepare(self, plan: Plan, progress: Progress | None = None) -> None:
+        o = self.cfg.featcov
+        X, y = train_features(self.run, self.cfg.feature_model, progress)
+        self.sampler = FeatureCovOversampler(scale=o.featcov_scale, heads=o.featcov_heads,
+                                             shrink=o.featcov_shrink).fit(X, y)
+
+    def run_shard(self, shard: Shard, out_dir: Path) -> list[dict]:
+        seeds = [sample_seed(self.cfg.seed, shard.label, i) for i in shard.indices()]
+        np.save(out_dir / "features.npy", self.sampler.sample(shard.label, seeds).astype(np.float32))
+        rows = []
+        for k, index in enumerate(shard.indices()):
+            row = base_row(shard, index, self.cfg.seed, self.source, f"synthetic/{self.name}/{shard.id}/features.npy#{k}")
+            row["feature_model"] = self.cfg.feature_model
+            rows.append(row)
+        return rows
