@@ -83,6 +83,7 @@ def describe(ev: dict, generator: str) -> str:
         train.get("synthetic") or "none", "real only")
     extra = [train["loss"]] if train.get("loss") not in (None, "ce") else []
     extra += [f"{train['sampler']} sampler"] if train.get("sampler") not in (None, "instance") else []
+    extra += [f"cRT on {train.get('base') or 'a frozen backbone'}"] if train.get("stage") == "crt" else []
     return f"{ev['model']} ({', '.join([data, *extra])})"
 
 

@@ -38,7 +38,7 @@ def fake_run(tmp_path):
     fake_eval(run, "rebalanced", 0.9962, 0.99631, 1.0, synthetic="filtered")
     fake_eval(run, "baseline", 0.95864, 0.9594, 0.7953)
     fake_eval(run, "real-only", 0.97, 0.9712, 0.9, loss="balanced_softmax")
-    fake_eval(run, "a-teacher", 0.5, 0.4, None, sampler="class_balanced")
+    fake_eval(run, "a-teacher", 0.5, 0.4, None, sampler="class_balanced", stage="crt", base="baseline")
     fake_eval(run, "baseline", 0.1, 0.1, 0.1, split="val")
     (run / "eval" / "report.json").write_text("[]")  # not a metrics file
     pd.DataFrame({"accepted": [True] * 3 + [False] * 3, "reason": ["", "", "", "over_quota", "over_quota",
@@ -56,7 +56,7 @@ def test_table_rows_in_arm_order_then_by_name_with_three_decimals(fake_run):
         "| baseline (real only) | 0.959 | 0.959 | 0.795 |",
         "| real-only (real only, balanced_softmax) | 0.970 | 0.971 | 0.900 |",
         "| rebalanced (real + accepted ddpm) | 0.996 | 0.996 | 1.000 |",
-        "| a-teacher (real only, class_balanced sampler) | 0.500 | 0.400 | – |",
+        "| a-teacher (real only, class_balanced sampler, cRT on baseline) | 0.500 | 0.400 | – |",
     ]
 
 
