@@ -247,7 +247,7 @@ def _gen_key(run: RunDir, gen_cfg) -> str:
 def prepare_generator_task(run: str, gen_cfg) -> None:
     """Train or load the generator once (the in-domain diffusion model trains here, with progress)."""
     r = RunDir(run)
-    _warn_space(r, gen_cfg)
+    _before_shards(r, gen_cfg)
     key = _gen_key(r, gen_cfg)
     if is_done(r, f"prepare-{gen_cfg.generator}", key, []):
         return cached(f"prepare {gen_cfg.generator}", r)
@@ -257,15 +257,18 @@ def prepare_generator_task(run: str, gen_cfg) -> None:
     mark_done(r, f"prepare-{gen_cfg.generator}", key)
 
 
-def _warn_space(run: RunDir, gen_cfg) -> None:
-    """One warning line before generation when the unfinished shards may not fit on the disk."""
+def _before_shards(run: RunDir, gen_cfg) -> None:
+    """Before the shards fan out (none runs yet; the run folder's lock keeps other runs out): remove the
+    partial ``.tmp-<shard>-*`` folders of killed attempts (a SIGKILLed Dask worker or run), and warn in
+    one line when the unfinished shards may not fit on the disk."""
     from tailforge.gen import make_shards
     from tailforge.gen.planner import Plan
-    from tailforge.gen.shards import ROWS
+    from tailforge.gen.shards import ROWS, clean_partial
     from tailforge.gen.space import space_warning
 
-    todo = [s for s in make_shards(Plan.load(run), gen_cfg.generator, gen_cfg.shard_size)
-            if not (run.synthetic(gen_cfg.generator) / s.id / ROWS).is_file()]
+    shards = make_shards(Plan.load(run), gen_cfg.generator, gen_cfg.shard_size)
+    clean_partial(run.synthetic(gen_cfg.generator), shards)
+    todo = [s for s in shards if not (run.synthetic(gen_cfg.generator) / s.id / ROWS).is_file()]
     warn = space_warning(run, gen_cfg.generator, sum(s.size for s in todo))
     if warn:
         get_run_logger().warning(warn)

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from tailforge import train
-from tailforge.data import RunDir, TailforgeError, atomic_dir, atomic_path, integrity, write_json
+from tailforge.data import RunDir, TailforgeError, atomic_dir, atomic_path, integrity
 from tailforge.data.diskspace import DiskFull, is_disk_full
 from tailforge.data.lock import LOCK, RunLocked, run_lock
 from tailforge.flows.cli import main
@@ -409,3 +409,100 @@ def test_flow_rerun_redoes_a_truncated_checkpoint_and_png_with_the_same_numbers(
     assert f"damaged: {png.relative_to(run).as_posix()} (size 30" in out
     assert png.read_bytes() == good
     assert {n: (run / "eval" / f"{n}-test.json").read_text() for n in metrics} == metrics
+
+
+KILL_HOOK = textwrap.dedent('''
+    # sitecustomize for the Dask kill test: in every process of the run (workers are spawned), the shard
+    # named by TF_TEST_KILL_SHARD kills its own worker mid-shard (once), and each shard takes a moment
+    import os, signal, time
+    if os.environ.get("TF_TEST_KILL_SHARD"):
+        import tailforge.gen.ddpm as _ddpm
+        _real = _ddpm.DDPMGenerator.run_shard
+
+        def _run_shard(self, shard, out_dir):
+            flag = os.path.join(os.environ["TF_TEST_FLAGS"], "killed-" + shard.id)
+            if shard.id == os.environ["TF_TEST_KILL_SHARD"] and not os.path.exists(flag):
+                open(flag, "w").close()
+                (out_dir / "000000.png").write_bytes(b"half a png")
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(float(os.environ.get("TF_TEST_SHARD_SLEEP", "0")))
+            return _real(self, shard, out_dir)
+
+        _ddpm.DDPMGenerator.run_shard = _run_shard
+''')
+
+
+def _digest(run: Path) -> dict[str, str]:
+    import hashlib
+
+    df = pd.read_parquet(run / "candidates.parquet")
+    return {sid: hashlib.sha256((run / uri).read_bytes()).hexdigest() for sid, uri in zip(df["sample_id"], df["uri"])}
+
+
+@pytest.mark.slow
+def test_dask_worker_killed_mid_shard_then_the_run_killed_resumes_to_the_same_candidates(tmp_path):
+    """`runner: dask`, 2 local workers: one worker is SIGKILLed inside a shard, then the whole run (its
+    process group) once some shards are done. The rerun generates only the unfinished shards, and the
+    candidates (sample ids and image bytes) equal those of an uninterrupted thread-runner run."""
+    import signal
+
+    import yaml
+
+    def config(run: Path, runner: str) -> Path:
+        cfg = {"run": str(run), "data": {"dataset": "digits", "imbalance": 10, "seed": 0},
+               "plan": {"target": "balance", "overgen": 1.2, "budget": 40},
+               "generate": {"generator": "ddpm", "shard_size": 4, "device": "cpu",
+                            "ddpm": {"ddpm_preset": "tiny", "ddpm_train_steps": 10, "ddpm_sample_steps": 2}},
+               "train": {"model": "tiny", "width": 8, "epochs": 1, "batch_size": 128, "lr": 0.05, "hflip": False},
+               "evaluate": {"plots": False}, "runner": {"runner": runner, "workers": 2}}
+        path = run.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(KILL_HOOK)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+
+    def tailforge_run(cfg: Path, **extra) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "tailforge.flows.cli", "run", "--config", str(cfg),
+                                 "--flow", "rebalance"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**env, **extra}, start_new_session=True)
+
+    ref = tmp_path / "ref"
+    p = tailforge_run(config(ref, "thread"))
+    out = p.communicate(timeout=900)[0]
+    assert p.returncode == 0, out[-3000:]
+    shard_ids = sorted(d.name for d in (ref / "synthetic" / "ddpm").iterdir() if d.name.startswith("c"))
+    assert len(shard_ids) >= 6
+    victim = shard_ids[len(shard_ids) // 2]
+
+    run = tmp_path / "run"
+    cfg = config(run, "dask")
+    p = tailforge_run(cfg, TF_TEST_KILL_SHARD=victim, TF_TEST_FLAGS=str(flags), TF_TEST_SHARD_SLEEP="1.5")
+    gen_dir = run / "synthetic" / "ddpm"
+    deadline = time.time() + 900
+    while time.time() < deadline and p.poll() is None:
+        done = list(gen_dir.glob(f"c*/{ROWS}")) if gen_dir.is_dir() else []
+        if (flags / f"killed-{victim}").exists() and 2 <= len(done) <= len(shard_ids) - 3:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, "the run ended before it could be killed: " + p.communicate()[0][-3000:]
+    os.killpg(p.pid, signal.SIGKILL)  # the whole run: orchestrator, Dask nannies and workers
+    p.communicate(timeout=60)
+    time.sleep(1.0)
+    finished = {d.parent.name: d.stat().st_mtime_ns for d in gen_dir.glob(f"c*/{ROWS}")}
+    assert 2 <= len(finished) < len(shard_ids) and not (run / "candidates.parquet").exists()
+
+    p = tailforge_run(cfg)  # no hook: a plain rerun
+    out = p.communicate(timeout=900)[0]
+    assert p.returncode == 0 and "Traceback" not in out, out[-3000:]
+    assert "taking over the stale lock" in out
+    again = {d.parent.name: d.stat().st_mtime_ns for d in gen_dir.glob(f"c*/{ROWS}")}
+    assert sorted(again) == shard_ids
+    assert {k: again[k] for k in finished} == finished  # finished shards were not generated again
+    assert not list(gen_dir.glob(".tmp-*"))  # the killed attempts' partial folders are gone
+    assert _digest(run) == _digest(ref)
