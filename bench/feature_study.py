@@ -50,6 +50,12 @@ def split_features(run: RunDir, backbone: str):
     return out
 
 
+def with_head(run: RunDir, backbone: str, feats: dict) -> dict:
+    model, _ = load_model(run.model_dir(backbone))
+    feats["head"] = (model.head.weight.detach().numpy(), model.head.bias.detach().numpy())
+    return feats
+
+
 def train_head(x, y, w, counts, nc, *, loss="balanced_softmax", epochs=4, lr=0.1, bs=128, seed=0,
                sampler="instance", val=None):
     """Linear head, SGD (momentum .9, nesterov, wd 5e-4 on weights), cosine, warmup 1 epoch; best epoch on val."""
@@ -175,7 +181,86 @@ def run_arm(feats, nc, arm, seed):
         need, make = quotas(counts, arm.get("target", "balance"), arm.get("overgen", 1.0))
         cx, cy = GENERATORS[gen](xtr, ytr, nc, make, seed=seed, **arm.get("gen_kw", {}))
         sel = arm.get("select", "all")
-        if sel != "all":
+        if sel in ("entropy", "margin"):
+            W, b = feats["head"]
+            logits = cx @ W.T + b - np.log(counts / counts.sum())  # logit-adjusted (balanced) posterior
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            if sel == "entropy":
+                score = -(p * np.log(p + 1e-12)).sum(1)
+            else:  # small margin of the target over the best other class = near the boundary
+                t = p[np.arange(len(cy)), cy]
+                q = p.copy()
+                q[np.arange(len(cy)), cy] = -1
+                score = -np.abs(t - q.max(1))
+            keep = np.zeros(len(cy), bool)
+            for c in range(nc):
+                idx = np.flatnonzero(cy == c)
+                keep[idx[np.argsort(-score[idx], kind="stable")[:need[c]]]] = True
+            cx, cy = cx[keep], cy[keep]
+        elif sel.startswith("ptarget"):  # reject candidates the balanced posterior puts in another class, then random
+            tau = float(sel.split(":")[1])
+            W, b = feats["head"]
+            logits = cx @ W.T + b - np.log(counts / counts.sum())
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            ok = p[np.arange(len(cy)), cy] >= tau
+            info["rejected"] = int((~ok).sum())
+            rng = np.random.default_rng(seed + 99)
+            keep = np.zeros(len(cy), bool)
+            for c in range(nc):
+                idx = np.flatnonzero((cy == c) & ok)
+                keep[rng.choice(idx, min(need[c], len(idx)), replace=False)] = True
+            cx, cy = cx[keep], cy[keep]
+        elif sel == "kcenter":  # farthest-point selection per class: coverage
+            keep = np.zeros(len(cy), bool)
+            for c in range(nc):
+                idx = np.flatnonzero(cy == c)
+                if need[c] <= 0 or not len(idx):
+                    continue
+                z = cx[idx] / (np.linalg.norm(cx[idx], axis=1, keepdims=True) + 1e-12)
+                r = xtr[ytr == c]
+                r = r / (np.linalg.norm(r, axis=1, keepdims=True) + 1e-12)
+                d = 1 - (z @ r.T).max(1)
+                chosen = []
+                for _ in range(min(need[c], len(idx))):
+                    j = int(np.argmax(d))
+                    chosen.append(j)
+                    d = np.minimum(d, 1 - z @ z[j])
+                    d[j] = -1
+                keep[idx[chosen]] = True
+            cx, cy = cx[keep], cy[keep]
+        elif sel in ("novel", "typical"):  # rank by distance to the class's real features
+            keep = np.zeros(len(cy), bool)
+            for c in range(nc):
+                idx = np.flatnonzero(cy == c)
+                if need[c] <= 0 or not len(idx):
+                    continue
+                z = cx[idx] / (np.linalg.norm(cx[idx], axis=1, keepdims=True) + 1e-12)
+                r = xtr[ytr == c]
+                r = r / (np.linalg.norm(r, axis=1, keepdims=True) + 1e-12)
+                sim = (z @ r.T).max(1)
+                order = np.argsort(sim if sel == "novel" else -sim, kind="stable")
+                keep[idx[order[:need[c]]]] = True
+            cx, cy = cx[keep], cy[keep]
+        elif sel.startswith("guard"):  # the filter's guard rules (+ optional knn-share-0 wrong_class), random quota
+            from tailforge.eval.filter import FilterConfig
+            from tailforge.eval.filter.score import score_arrays
+
+            fcfg = FilterConfig(**arm.get("filter_kw", {}))
+            frame, _ = score_arrays(xtr, ytr, cx, cy, {c: int(need[c]) for c in range(nc)}, fcfg, num_classes=nc,
+                                    guard=True)
+            acc = frame["accepted"].to_numpy()
+            info["reasons"] = frame.loc[~acc, "reason"].value_counts().to_dict()
+            cx, cy = cx[acc], cy[acc]
+        elif sel == "random-need":
+            rng = np.random.default_rng(seed + 99)
+            keep = np.zeros(len(cy), bool)
+            for c in range(nc):
+                idx = np.flatnonzero(cy == c)
+                keep[rng.choice(idx, min(need[c], len(idx)), replace=False)] = True
+            cx, cy = cx[keep], cy[keep]
+        elif sel != "all":
             from tailforge.eval.filter import FilterConfig, score_arrays
 
             fcfg = FilterConfig(**arm.get("filter_kw", {}))
@@ -217,7 +302,7 @@ def main(argv=None):
     res = {}
     for r in a.run:
         run = RunDir(r)
-        feats = split_features(run, a.backbone)
+        feats = with_head(run, a.backbone, split_features(run, a.backbone))
         nc = int(run.dataset_info()["num_classes"])
         seed = int(run.dataset_info().get("fingerprint", {}).get("seed", 0))
         for j, arm in enumerate(arms):

@@ -80,7 +80,7 @@ def is_feature(df) -> "np.ndarray":
 
     if not len(df):
         return np.zeros(0, bool)
-    out = df["source"].isin(FEATURE_SOURCES).to_numpy(dtype=bool)
+    out = df["source"].isin(FEATURE_SOURCES).to_numpy(dtype=bool).copy()
     if "feature_model" in df.columns:
         out |= df["feature_model"].notna().to_numpy(dtype=bool) & (df["source"] != "real").to_numpy(dtype=bool)
     return out

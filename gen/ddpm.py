@@ -34,12 +34,14 @@ from .shards import Progress, Shard, resolve_device, sample_seed, to_uint8
 
 PRESETS = {
     # name: UNet shape + training + sampling defaults
+    # max_side: the largest image side the preset was sized for; past it the model draws noise (measured:
+    # 'fast' on 28 px Fashion-MNIST, bench/results/ddpm_fashion_cpu/), so the generator refuses
     "tiny": dict(blocks=(8, 16), attn=(False, False), layers=1, groups=4, steps=30, batch=16, lr=3e-3,
-                 sample_steps=4),
+                 sample_steps=4, max_side=16),
     "fast": dict(blocks=(16, 32), attn=(False, False), layers=1, groups=8, steps=400, batch=64, lr=3e-3,
-                 sample_steps=10),
+                 sample_steps=10, max_side=16),
     "full": dict(blocks=(128, 256, 256), attn=(False, True, True), layers=2, groups=32, steps=40_000, batch=256,
-                 lr=2e-4, sample_steps=50),
+                 lr=2e-4, sample_steps=50, max_side=64),
 }
 
 
@@ -124,9 +126,22 @@ class DDPMGenerator(Generator):
             x = F.interpolate(x, size=msize, mode="bilinear", antialias=True, align_corners=False)
         return x, torch.from_numpy(df["label"].to_numpy().astype(np.int64))
 
+    def check_size(self) -> None:
+        """A preset must fit the image size it is given: refuse, rather than silently draw noise."""
+        side, cap = max(self.size), self.preset["max_side"]
+        if side > cap and self.opts.ddpm_train_steps is None:
+            bigger = [n for n, p in PRESETS.items() if p["max_side"] >= side]
+            raise TailforgeError(
+                f"ddpm preset '{self.opts.ddpm_preset}' is sized for images up to {cap} px; these are {side} px, "
+                "where it draws noise",
+                (f"use --ddpm-preset {bigger[0]} (a GPU job)" if bigger else "no preset fits this size: use sd")
+                + ", or a feature generator (--generator featcov) with the crt recipe "
+                "(flows/recipes/small-images.yaml); to train this preset anyway, set --ddpm-train-steps")
+
     def prepare(self, plan: Plan, progress: Progress | None = None) -> None:
         from diffusers import UNet2DModel
 
+        self.check_size()
         done = self.model_dir / "done.json"
         self.model_dir.mkdir(parents=True, exist_ok=True)
         # One trainer at a time: parallel `--shard i/n` workers wait here for the first one's model.

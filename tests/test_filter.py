@@ -284,11 +284,22 @@ def test_featdict_candidates_scored_in_their_classifier_space(digits_run_copy):
     write_manifest(df, run.candidates)
     write_json(run.plan, {"classes": [dict(label=c, class_name=str(c), have=0, need=4 if c == OTHER else 0,
                                            generate=0) for c in range(10)]})
-    out = filter_candidates(run, FilterConfig())
+    out = filter_candidates(run, FilterConfig(feature_rules="all"))  # every image rule, score order
     assert (out.loc[out["kind"] == "wrong_class", "reason"] == "wrong_class").all()
     assert (out.loc[out["kind"] == "near_copy", "reason"] == "near_copy").all()
     assert out["accepted"].sum() == 4 and set(out.loc[out["accepted"], "kind"]) == {"good"}
     assert (out["space"] == "features:baseline").all()
+    # the default guard rules: near copies still go; the quota is filled in a seeded random order
+    # (class consistency is not judged in feature space: it lost to random on val), from real-looking rows
+    guard = filter_candidates(run, FilterConfig())
+    assert (guard.loc[guard["kind"] == "near_copy", "reason"] == "near_copy").all()
+    assert guard["accepted"].sum() == 4 and not guard.loc[guard["accepted"], "kind"].eq("near_copy").any()
+    assert guard["accepted"].tolist() == filter_candidates(run, FilterConfig(grid_samples=7))["accepted"].tolist()
+    noise = feats.copy()
+    noise[:4] = np.random.default_rng(1).uniform(0, 50 * np.abs(feats).max(), noise[:4].shape)  # off the manifold
+    np.save(shard / "features.npy", noise)
+    planted = filter_candidates(run, FilterConfig())
+    assert (planted["reason"].iloc[:4] == "unrealistic").all()
 
     np.save(shard / "features.npy", np.zeros((len(feats), meta["feature_dim"] + 3), np.float32))
     with pytest.raises(TailforgeError, match="dimension"):
@@ -316,3 +327,39 @@ def test_faiss_matches_numpy_brute_force_and_ivf_past_threshold():
     assert a.groupby(yc)["accepted"].sum().max() <= 50
     ivf, _ = score_arrays(real, y, cand, yc, quotas, cfg, search=FaissSearch(ivf_threshold=1000, nprobe=8))
     assert (ivf["reason"] == a["reason"]).mean() > 0.95
+
+
+def test_realism_planted_noise_blank_and_wrong_class_fail_for_every_class(digits_run_copy):
+    """The default filter (the baseline classifier's space) never accepts noise, blank or another class's
+    images, for any class, the rarest included, while it keeps real-looking images of the class."""
+    from tailforge import train
+
+    run = digits_run_copy
+    train.fit(run, train.TrainConfig(model="tiny", width=8, epochs=3, batch_size=64, lr=0.05, hflip=False,
+                                     device="cpu"), "baseline")
+    real, allx, ally, pool = _pool(run)
+    info = run.dataset_info()
+    counts = np.bincount(real[real["split"] == "train"]["label"], minlength=10)
+    planted = PlantedCandidates(run, 0)
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        for i in pool[ally[pool] == c][:3]:
+            planted.add(allx[i], c, "good", f"pool-{i}")
+        for k in range(3):
+            planted.add(rng.integers(0, 17, allx[0].shape).astype(allx.dtype), c, "noise", "")
+        planted.add(np.zeros_like(allx[0]), c, "blank", "")
+        planted.add(np.full_like(allx[0], allx.max()), c, "blank", "")
+        for i in pool[ally[pool] == (c + 5) % 10][:2]:
+            planted.add(allx[i], c, "wrong_class", f"pool-{i}")
+    df = planted.write()
+    write_json(run.plan, {"target": "planted", "overgen": 2.0, "total": len(df), "classes": [
+        dict(label=c, class_name=info["class_names"][c], have=int(counts[c]), need=10, generate=10)
+        for c in range(10)]})
+    out = filter_candidates(run, FilterConfig())
+    bad = out[out["kind"] != "good"]
+    assert not bad["accepted"].any(), bad.loc[bad["accepted"], ["label", "kind", "reason"]]
+    assert set(bad.loc[bad["kind"] == "blank", "reason"]) == {"blank"}
+    assert set(bad.loc[bad["kind"] == "noise", "reason"]) <= {"unrealistic", "wrong_class", "low_fidelity"}
+    rarest = int(np.argmin(counts))
+    assert not out[(out["label"] == rarest) & (out["kind"] != "good")]["accepted"].any()
+    assert out.loc[out["kind"] == "good", "accepted"].mean() >= 0.5  # it still keeps real-looking ones

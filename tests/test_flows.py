@@ -269,5 +269,6 @@ def test_config_contradicting_the_run_folder_is_refused_before_work(digits_run_c
 def test_show_config_prints_the_embedded_default(capsys):
     assert main(["run", "--show-config"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
-    assert shown["data"]["dataset"] == "digits" and shown["generate"]["ddpm"]["ddpm_preset"] == "fast"
+    assert shown["data"]["dataset"] == "digits" and shown["generate"]["generator"] == "featcov"
+    assert shown["recipe"]["stage"] == "crt" and shown["generate"]["ddpm"]["ddpm_preset"] == "fast"
     assert shown["train"]["synthetic"] == "none"  # the rebalanced model switches it to 'filtered'

@@ -186,3 +186,18 @@ def test_cli_shard_worker_says_the_plan_is_not_finished(planned, capsys):
     assert main(args + ["--shard", "1/2"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert len(pd.read_parquet(planned.candidates)) == 6 and "note:" not in out
+
+
+def test_a_preset_refuses_images_larger_than_it_was_sized_for(digits_run_copy):
+    """'fast' draws noise at 28 px: it refuses with the way out, before any training."""
+    from tailforge.gen.ddpm import DDPMGenerator
+    from tailforge.gen import GenerateConfig
+    from tailforge.data import TailforgeError
+
+    info = {**digits_run_copy.dataset_info(), "image_size": [28, 28]}
+    g = DDPMGenerator(digits_run_copy, GenerateConfig(generator="ddpm"), info)
+    with pytest.raises(TailforgeError, match="sized for images up to 16 px.*28 px") as e:
+        g.prepare(None)
+    assert "featcov" in e.value.hint and "--ddpm-preset full" in e.value.hint
+    assert not (digits_run_copy.synthetic("ddpm") / "model" / "state.pt").exists()
+    DDPMGenerator(digits_run_copy, GenerateConfig(generator="ddpm"), digits_run_copy.dataset_info()).check_size()

@@ -71,7 +71,18 @@ class FilterConfig(BaseModel):
                                       "on a busy shared machine)")
     grid_samples: int = Field(8, ge=1, description="accepted and rejected samples shown per tail class grid")
     cache: bool = Field(True, description="cache embeddings under <run>/filter/cache")
-    seed: int = Field(0, description="seed of calibration sampling")
+    seed: int = Field(0, description="seed of calibration sampling and of the random quota order (guard rules)")
+    realism_percentile: Union[float, None] = Field(
+        0.0, ge=0, le=100, description="`unrealistic`: a candidate farther from every real train sample than this "
+        "percentile of the real samples' nearest-other similarity (0: the least typical real sample) is off the "
+        "data manifold, e.g. noise; None turns the rule off")
+    blank_std: float = Field(2.0, ge=0, description="`blank`: an image candidate whose pixel standard deviation "
+                             "(0-255) is below this is blank or constant")
+    feature_rules: Literal["guard", "all"] = Field(
+        "guard", description="rules for feature-vector candidates (featdict, featcov): guard = only what catches "
+        "broken samples (unrealistic, near copies of another class's real sample, near copies, duplicates) and "
+        "a seeded random quota order; all = every image rule and the score order. guard was chosen on val: "
+        "every selection rule lost to a random subset in feature space (bench/results/feature_study.md)")
     rules: list[str] = Field(default_factory=list, description="extra rules registered in "
                              "tailforge.eval.filter.score.RULES, applied after the built-in ones in this order "
                              "(none by default)")
@@ -185,7 +196,7 @@ def filter_candidates(run: RunDir | str | Path, cfg: FilterConfig | None = None,
     from .embedders import ClassifierEmbedder, embed_cached, make_embedder, uri_hash
     from .index import FaissSearch
     from .report import write_report
-    from .score import decide, duplicate_pairs, score_space
+    from .score import decide, duplicate_pairs, random_priority, score_space
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     cfg = cfg or FilterConfig()
@@ -234,8 +245,13 @@ def filter_candidates(run: RunDir | str | Path, cfg: FilterConfig | None = None,
                 raise TailforgeError(
                     f"feature candidates have dimension {cand_vec.shape[1]} but classifier '{key[1]}' gives "
                     f"{real_vec.shape[1]}-d features", "regenerate the featdict candidates with that classifier")
+        guard = key[0] == "features" and cfg.feature_rules == "guard"
         frame, cal = score_space(real_vec, real["label"].to_numpy(), cand_vec, cands["label"].to_numpy()[rows],
-                                 num_classes, cfg, search)
+                                 num_classes, cfg, search, guard=guard)
+        if key[0] == "image":  # blank / constant images, whatever the embedder makes of them
+            flat = blank_images(uris, images, cfg.blank_std)
+            frame.loc[flat, "reason"] = "blank"
+        frame["priority"] = random_priority(len(rows), cfg.seed) if guard else frame["score"].to_numpy()
         frame.index = rows
         frame["space"] = name
         frames.append(frame)
@@ -248,7 +264,7 @@ def filter_candidates(run: RunDir | str | Path, cfg: FilterConfig | None = None,
     for name, (rows, vec, thr) in vectors.items():
         alive = scores["reason"].to_numpy()[rows] == ""
         pairs += [(rows[i], rows[j]) for i, j in duplicate_pairs(vec, labels[rows], alive, thr, search)]
-    accepted, reason = decide(labels, scores["score"].to_numpy(), scores["reason"].to_numpy(), pairs, quotas)
+    accepted, reason = decide(labels, scores["priority"].to_numpy(), scores["reason"].to_numpy(), pairs, quotas)
     out = cands.copy()
     for col in SCORE_COLUMNS:
         out[col] = scores[col].to_numpy()
@@ -262,6 +278,15 @@ def filter_candidates(run: RunDir | str | Path, cfg: FilterConfig | None = None,
     if progress:
         progress(steps, steps, {"stage": "done", "accepted": int(accepted.sum()), "candidates": len(out)})
     return out
+
+
+def blank_images(uris: list[str], images, min_std: float, block: int = 2048) -> np.ndarray:
+    """Positions of blank / constant images (pixel std below ``min_std``)."""
+    out = []
+    for i in range(0, len(uris), block):
+        arr = images(uris[i:i + block])
+        out.append(arr.reshape(len(arr), -1).std(1) < min_std)
+    return np.flatnonzero(np.concatenate(out)) if out else np.zeros(0, int)
 
 
 def summary_lines(out: pd.DataFrame) -> list[str]:
