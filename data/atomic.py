@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .diskspace import DiskFull, disk_full, is_disk_full, size_of
+from .diskspace import DiskFull, disk_full, free_bytes, is_disk_full, size_of
 from .integrity import seal
 
 
@@ -51,12 +51,14 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
                 os.fsync(fh.fileno())
         os.replace(tmp_path, path)
     except BaseException as exc:
-        written = size_of(tmp_path) if tmp_path is not None else 0
+        full = not isinstance(exc, DiskFull) and is_disk_full(exc, path.parent)
+        if full:  # measured before the partial file goes: what the write took, what was left
+            written, free = (size_of(tmp_path) if tmp_path is not None else 0), free_bytes(path.parent)
         if tmp_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 tmp_path.unlink()
-        if not isinstance(exc, DiskFull) and is_disk_full(exc, path.parent):
-            raise disk_full(path, written) from exc  # one line with the path and the free space
+        if full:
+            raise disk_full(path, written, free=free) from exc  # one line with the path and the free space
         raise
 
 
@@ -83,11 +85,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
     except BaseException as exc:
-        written = size_of(tmp) if tmp is not None else 0
+        full = not isinstance(exc, DiskFull) and is_disk_full(exc, path.parent)
+        if full:
+            written, free = (size_of(tmp) if tmp is not None else 0), free_bytes(path.parent)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(exc, DiskFull) and is_disk_full(exc, path.parent):
-            raise disk_full(path, written) from exc
+        if full:
+            raise disk_full(path, written, free=free) from exc
         raise
 
 

@@ -75,9 +75,9 @@ def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> b
     return False
 
 
-def disk_full(path: str | os.PathLike, needed: int | None = None, what: str = "") -> DiskFull:
-    """The one-line error for a write of ``path`` that ran out of space."""
-    free = free_bytes(path)
+def disk_full(path: str | os.PathLike, needed: int | None = None, what: str = "", free: int | None = None) -> DiskFull:
+    """The one-line error for a write of ``path`` that ran out of space (``free``: measured when it failed)."""
+    free = free_bytes(path) if free is None else free
     need = f"; it needed more than {human(needed)}" if needed else ""
     return DiskFull(f"disk full writing {path}{' (' + what + ')' if what else ''}: {human(free)} free on "
                     f"{_mount_of(path)}{need}",
@@ -94,15 +94,31 @@ def _mount_of(path: str | os.PathLike) -> str:
     return str(p)
 
 
+def _allocated(st: os.stat_result) -> int:
+    blocks = getattr(st, "st_blocks", None)  # what the file takes on disk: a 120-byte PNG takes a 4 KB block
+    return max(st.st_size, blocks * 512) if blocks is not None else st.st_size
+
+
 def size_of(path: str | os.PathLike) -> int:
-    """Bytes under ``path`` (a file or a folder); 0 when it is gone."""
+    """Disk space taken under ``path`` (a file or a folder); 0 when it is gone."""
     p = Path(path)
     try:
         if p.is_file():
-            return p.stat().st_size
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            return _allocated(p.stat())
+        return sum(_allocated(f.stat()) for f in p.rglob("*") if f.is_file())
     except OSError:
         return 0
+
+
+def block_size(path: str | os.PathLike) -> int:
+    """The file system's allocation unit for ``path`` (4096 when it cannot be read)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return os.statvfs(p).f_frsize or 4096
+    except (OSError, AttributeError):
+        return 4096
 
 
 def from_exception(exc: BaseException) -> DiskFull | None:

@@ -293,8 +293,16 @@ def shard_device(gen_cfg):
     return gen_cfg
 
 
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry a failed shard (a transient error), but not a full disk or another user error: the same
+    attempt again cannot help, and every shard would print its failure three times."""
+    from tailforge.data.errors import TailforgeError
+
+    return not isinstance(getattr(state, "data", None), TailforgeError)
+
+
 @task(name="generate-shard", cache_policy=NONE, task_run_name="shard {shard.id}", retries=2,
-      retry_delay_seconds=1)
+      retry_delay_seconds=1, retry_condition_fn=_retry_unless_user_error)
 def generate_shard_task(run: str, gen_cfg, shard) -> int:
     """Generate one shard (a class and an index range) into ``synthetic/<gen>/<shard>/``, atomically."""
     from tailforge.data import atomic_dir

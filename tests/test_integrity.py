@@ -228,10 +228,12 @@ def test_enospc_in_a_write_is_one_line_and_leaves_no_half_file(tmp_path, monkeyp
     OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device"),  # pyarrow
 ])
 def test_library_errors_caused_by_a_full_disk_become_diskfull(tmp_path, monkeypatch, exc):
+    import tailforge.data.atomic as atomic
     import tailforge.data.diskspace as ds
 
     monkeypatch.setattr(ds, "free_bytes", lambda p: 4096)
-    with pytest.raises(DiskFull, match=r"disk full writing .*state\.pt: 4\.0 KB free"):
+    monkeypatch.setattr(atomic, "free_bytes", lambda p: 4096)
+    with pytest.raises(DiskFull, match=r"disk full writing .*state\.pt: 4\.0 KB free on .*; it needed more than 4\.0 KB"):
         with atomic_path(tmp_path / "state.pt") as tmp:
             tmp.write_bytes(b"0" * 2048)
             raise exc
@@ -261,6 +263,19 @@ def test_low_space_warns_before_generation(digits_run_copy, monkeypatch):
     msg = space.space_warning(digits_run_copy, "ddpm", 1000)
     assert msg and "1,000 ddpm samples needs about" in msg and "9.8 KB is free" in msg
     assert space.space_warning(digits_run_copy, "ddpm", 1) is None
+
+
+def test_space_estimate_counts_whole_blocks_and_a_full_disk_is_not_retried():
+    from prefect.states import Failed
+
+    from tailforge.flows.tasks import _retry_unless_user_error
+    from tailforge.gen.space import estimate_bytes
+
+    digits = {"image_size": [8, 8], "channels": 1}
+    assert estimate_bytes(digits, "ddpm", 10, block=4096) == 10 * 4096  # a 120-byte PNG takes a block
+    assert estimate_bytes({"image_size": [64, 64], "channels": 3}, "sd", 1, block=4096) == 4 * 4096
+    assert not _retry_unless_user_error(None, None, Failed(data=DiskFull("disk full writing x", "free space")))
+    assert _retry_unless_user_error(None, None, Failed(data=RuntimeError("transient")))
 
 
 def _tmpfs(path: Path, size: str) -> bool:
