@@ -17,8 +17,8 @@ class TrainConfig(BaseModel):
 
     # model
     model: str = Field("tiny", description="architecture: tiny (small fast CNN), resnet32 (CIFAR ResNet-32 of the "
-                       "long-tail literature), resnet18, resnet50, mobilenetv2, convnext_tiny, convnext_base, "
-                       "vit_b_16 (or any timm name)")
+                       "long-tail literature), resnet10 (ImageNet-LT's ResNet-10), resnet18, resnet50, mobilenetv2, "
+                       "convnext_tiny, convnext_base, vit_b_16 (or any timm name)")
     width: Union[int, None] = Field(None, ge=1, description="base channel width of tiny (default 32) and resnet32 "
                                     "(default 16); ignored by timm models")
     pretrained: Union[Path, None] = Field(None, description="LOCAL pretrained weights (a .safetensors/.pth file or a "

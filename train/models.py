@@ -24,7 +24,7 @@ TIMM_MODELS = {
     "convnext_base": ("convnext_base", 32),
     "vit_b_16": ("vit_base_patch16_224", 32),
 }
-OWN_MODELS = ("tiny", "resnet32")
+OWN_MODELS = ("tiny", "resnet32", "resnet10")
 MODELS = OWN_MODELS + tuple(TIMM_MODELS)
 
 
@@ -127,6 +127,8 @@ def make_head(kind: str, dim: int, num_classes: int, scale: float) -> nn.Module:
 
 
 def min_input(arch: str) -> int:
+    if arch == "resnet10":
+        return 16
     return TIMM_MODELS[arch][1] if arch in TIMM_MODELS else 4
 
 
@@ -138,6 +140,10 @@ def create_model(arch: str, num_classes: int, in_chans: int, image_size: int, *,
         body = TinyNet(in_chans, width or 32)
     elif arch == "resnet32":
         body = CifarResNet(in_chans, width or 16)
+    elif arch == "resnet10":  # ImageNet-LT's ResNet-10 (Liu et al. 2019): basic blocks [1, 1, 1, 1], not in timm
+        from timm.models.resnet import BasicBlock as TimmBasicBlock, ResNet
+
+        body = ResNet(TimmBasicBlock, [1, 1, 1, 1], num_classes=0, in_chans=in_chans)
     else:
         import timm
 

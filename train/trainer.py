@@ -302,9 +302,13 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
 
 # ----------------------------------------------------------------------------- distributed
 def dist_env() -> tuple[int, int, int] | None:
-    """(rank, world_size, local_rank) when torchrun launched this process in a job of more than one, else None."""
+    """(rank, world_size, local_rank) when torchrun launched this process in a job of more than one, else None.
+
+    ``TAILFORGE_DDP_FORCE=1`` joins a process group (and wraps the model in DDP) in a job of one too: the
+    NCCL smoke of ``bench/gpu_suite.py`` on a one-GPU machine.
+    """
     world = int(os.environ.get("WORLD_SIZE") or 1)
-    if world > 1 and "LOCAL_RANK" in os.environ:
+    if (world > 1 or os.environ.get("TAILFORGE_DDP_FORCE") == "1") and "LOCAL_RANK" in os.environ:
         return int(os.environ.get("RANK", os.environ["LOCAL_RANK"])), world, int(os.environ["LOCAL_RANK"])
     return None
 
@@ -339,7 +343,7 @@ class Dist:
         return t
 
     def wrap(self, module: nn.Module) -> nn.Module:
-        if self.world == 1:
+        if self.world == 1 and not self.owns_group:
             return module
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -547,7 +551,7 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
         net.load_state_dict(state["best_weights"])
         meta.update({"images_per_s": state["log"][-1]["images_per_s"] if state["log"] else None,
                      "device": str(dev), "best_epoch": state["best"]["epoch"]})
-        if dd.world > 1:
+        if dd.world > 1 or dd.owns_group:
             meta["ddp_world_size"] = dd.world
         _write_model(final, model, cfg, meta, state)
         shutil.rmtree(work, ignore_errors=True)
