@@ -157,7 +157,32 @@ def covariance_candidates(x, y, nc, need, seed=0, scale=1.0, k_head=0, shrink=0.
     return np.concatenate(xs), np.concatenate(ys)
 
 
-GENERATORS = {"featdict": featdict_candidates, "cov": covariance_candidates}
+def featcov_candidates(x, y, nc, need, seed=0, **kw):
+    """The shipped featcov generator (gen/featcov.py), seeded per sample like a generation shard."""
+    from tailforge.gen import FeatureCovOversampler
+    from tailforge.gen.shards import sample_seed
+
+    o = FeatureCovOversampler(**kw).fit(x, y)
+    xs = [o.sample(c, [sample_seed(seed, c, i) for i in range(need[c])]) for c in range(nc) if need[c] > 0]
+    ys = [np.full(need[c], c) for c in range(nc) if need[c] > 0]
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def fdiff_candidates(x, y, nc, need, seed=0, **kw):
+    """The shipped fdiff generator (gen/fdiff.py)."""
+    from tailforge.gen import FeatureDiffusion
+    from tailforge.gen.shards import sample_seed
+
+    t0 = time.time()
+    m = FeatureDiffusion(seed=seed, **kw).fit(x, y)
+    xs = [m.sample(c, [sample_seed(seed, c, i) for i in range(need[c])]) for c in range(nc) if need[c] > 0]
+    print(f"  fdiff fit+sample {time.time() - t0:.0f} s", flush=True)
+    ys = [np.full(need[c], c) for c in range(nc) if need[c] > 0]
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+GENERATORS = {"featdict": featdict_candidates, "cov": covariance_candidates, "featcov": featcov_candidates,
+              "fdiff": fdiff_candidates}
 
 
 def quotas(counts, target="balance", overgen=1.0):
@@ -297,6 +322,8 @@ def main(argv=None):
     ap.add_argument("--backbone", default="ce")
     ap.add_argument("--arms", required=True, help="JSON list of arm dicts")
     ap.add_argument("--report-test", action="store_true", help="also print test numbers (final table only)")
+    ap.add_argument("--md", default=None, help="append the mean table (val) to this markdown file")
+    ap.add_argument("--title", default="", help="heading of the markdown table")
     a = ap.parse_args(argv)
     arms = json.loads(a.arms)
     res = {}
@@ -312,6 +339,20 @@ def main(argv=None):
             print(f"{r} arm{j} {json.dumps(arm)} val {out['val']['bal']*100:.2f} tail3 {out['val']['tail3']*100:.1f}"
                   + (f" | test {out['test']['bal']*100:.2f}" if a.report_test else "") + f" {info} {time.time()-t0:.1f}s",
                   flush=True)
+    if a.md:
+        lines = [f"### {a.title or ', '.join(a.run)}", "",
+                 f"`python bench/feature_study.py --run {' '.join(a.run)} --backbone {a.backbone} --arms ...` "
+                 f"(VAL split, balanced accuracy %, mean ± std over {len(a.run)} run(s); rare3 = the three classes "
+                 "with the fewest real train images)", "",
+                 "| arm | val bal. acc | Δ vs first arm | val rare3 |", "|---|---:|---:|---:|"]
+        ref = np.array([o["val"]["bal"] for o in res[0]]) * 100
+        for j, arm in enumerate(arms):
+            v = np.array([o["val"]["bal"] for o in res[j]]) * 100
+            t = np.array([o["val"]["tail3"] for o in res[j]]) * 100
+            lines.append(f"| {arm.get('label', json.dumps({k: x for k, x in arm.items() if k != 'label'}))} | "
+                         f"{v.mean():.2f} ± {v.std():.2f} | {(v - ref).mean():+.2f} | {t.mean():.1f} |")
+        with open(a.md, "a") as f:
+            f.write("\n".join(lines) + "\n\n")
     print("\nmean over runs (val balanced acc, tail3):")
     for j, arm in enumerate(arms):
         v = np.array([o["val"]["bal"] for o in res[j]]) * 100

@@ -20,8 +20,8 @@ from .errors import TailforgeError
 
 REQUIRED = ("sample_id", "uri", "label", "class_name", "split", "source")
 SPLITS = ("train", "val", "test")
-SOURCES = ("real", "sd", "sd-img2img", "ddpm", "featdict", "featcov")  # real + the built-in generators' sources
-FEATURE_SOURCES = ("featdict", "featcov")  # their samples are feature vectors (uri ``path.npy#row``)
+SOURCES = ("real", "sd", "sd-img2img", "ddpm", "featdict", "featcov", "fdiff")  # real + the built-in generators' sources
+FEATURE_SOURCES = ("featdict", "featcov", "fdiff")  # their samples are feature vectors (uri ``path.npy#row``)
 # a generator added later names its own source (docs/architecture.md): any lower-case name
 SOURCE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 

@@ -5,17 +5,19 @@
   ``GENERATORS[cfg.generator]`` and rewrites ``candidates.parquet``
 * generators: ``ddpm`` (in-domain class-conditional diffusion), ``featdict`` (feature-dictionary
   oversampling in a classifier's feature space), ``featcov`` (real tail anchors + borrowed head-class
-  covariance, in feature space), ``sd`` (Stable Diffusion)
+  covariance, in feature space), ``fdiff`` (a class-conditional diffusion model over features),
+  ``sd`` (Stable Diffusion)
 * ``FeatureDictOversampler``: the featdict algorithm on plain arrays (imbalanced-learn style)
 * ``write_sample_grids(run, generator)``: one PNG per class, real exemplars above synthetic samples
 """
 from __future__ import annotations
 
-from .config import DDPMOptions, FeatCovOptions, FeatDictOptions, GenerateConfig, PlanConfig, SDOptions
+from .config import DDPMOptions, FDiffOptions, FeatCovOptions, FeatDictOptions, GenerateConfig, PlanConfig, SDOptions
 from .ddpm import DDPMGenerator
 from .driver import GENERATORS, generate
 from .featcov import FeatCovGenerator, FeatureCovOversampler
 from .featdict import FeatDictGenerator, FeatureDictOversampler
+from .fdiff import FDiffGenerator, FeatureDiffusion
 from .grid import write_sample_grids
 from .planner import ClassQuota, Plan, plan, plan_run
 from .sd import SDGenerator
@@ -25,5 +27,6 @@ __all__ = [
     "DDPMOptions", "FeatDictOptions", "GenerateConfig", "PlanConfig", "SDOptions", "ClassQuota", "Plan", "plan",
     "plan_run", "generate", "GENERATORS", "Shard", "make_shards", "parse_shard_spec", "sample_seed",
     "collect_candidates", "FeatureDictOversampler", "write_sample_grids", "DDPMGenerator", "FeatDictGenerator",
-    "SDGenerator", "FeatCovOptions", "FeatCovGenerator", "FeatureCovOversampler",
+    "SDGenerator", "FeatCovOptions", "FeatCovGenerator", "FeatureCovOversampler", "FDiffOptions",
+    "FDiffGenerator", "FeatureDiffusion",
 ]

@@ -88,6 +88,17 @@ class FeatCovOptions(BaseModel):
     featcov_shrink: float = Field(0.0, ge=0, le=1, description="shrink the borrowed covariance towards its diagonal")
 
 
+class FDiffOptions(BaseModel):
+    """Feature diffusion (gen/fdiff.py): a class-conditional diffusion model over a classifier's features."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fdiff_steps: int = Field(2000, ge=1, description="training steps of the denoiser (class-balanced batches of 256)")
+    fdiff_width: int = Field(256, ge=8, description="hidden width of the MLP denoiser")
+    fdiff_sample_steps: int = Field(25, ge=1, description="DDIM sampling steps")
+    fdiff_guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale (1: conditional model alone)")
+
+
 class SDOptions(BaseModel):
     """Stable Diffusion text-to-image / image-to-image (diffusers)."""
 
@@ -116,8 +127,8 @@ class GenerateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    generator: str = Field("ddpm", description="ddpm (in-domain image diffusion), featdict, featcov (feature "
-                           "vectors for the crt recipe), sd (Stable Diffusion)")
+    generator: str = Field("ddpm", description="ddpm (in-domain image diffusion), featdict, featcov, fdiff "
+                           "(feature vectors for the crt recipe), sd (Stable Diffusion)")
     shard_size: int = Field(64, ge=1, description="samples per shard (a shard is one class and an index range)")
     seed: int = Field(0, description="run seed; each sample's seed is f(seed, class, index)")
     batch_size: int = Field(64, ge=1, description="samples generated per forward pass")
@@ -127,6 +138,7 @@ class GenerateConfig(BaseModel):
     ddpm: DDPMOptions = Field(default_factory=DDPMOptions, description="options of the ddpm generator")
     featdict: FeatDictOptions = Field(default_factory=FeatDictOptions, description="options of featdict")
     featcov: FeatCovOptions = Field(default_factory=FeatCovOptions, description="options of featcov")
+    fdiff: FDiffOptions = Field(default_factory=FDiffOptions, description="options of fdiff")
     sd: SDOptions = Field(default_factory=SDOptions, description="options of the sd generator")
 
     @field_validator("generator")

@@ -19,6 +19,7 @@ from .config import GenerateConfig
 from .ddpm import DDPMGenerator
 from .featcov import FeatCovGenerator
 from .featdict import FeatDictGenerator
+from .fdiff import FDiffGenerator
 from .planner import Plan
 from .sd import SDGenerator
 from .space import space_warning
@@ -26,7 +27,7 @@ from .shards import (ROWS, Progress, clean_partial, collect_candidates, make_sha
                      rows_frame, shard_done, write_candidates)
 
 GENERATORS: dict[str, type[Generator]] = {"ddpm": DDPMGenerator, "featdict": FeatDictGenerator,
-                                          "featcov": FeatCovGenerator, "sd": SDGenerator}
+                                          "featcov": FeatCovGenerator, "fdiff": FDiffGenerator, "sd": SDGenerator}
 
 
 def generate(run: RunDir | str, cfg: GenerateConfig | None = None, progress: Progress | None = None,
