@@ -57,7 +57,7 @@ def with_head(run: RunDir, backbone: str, feats: dict) -> dict:
 
 
 def train_head(x, y, w, counts, nc, *, loss="balanced_softmax", epochs=4, lr=0.1, bs=128, seed=0,
-               sampler="instance", val=None):
+               sampler="instance", val=None, epoch_n="data"):
     """Linear head, SGD (momentum .9, nesterov, wd 5e-4 on weights), cosine, warmup 1 epoch; best epoch on val."""
     torch.manual_seed(seed)
     g = np.random.default_rng(seed)
@@ -67,7 +67,9 @@ def train_head(x, y, w, counts, nc, *, loss="balanced_softmax", epochs=4, lr=0.1
     opt = torch.optim.SGD([{"params": [head.weight], "weight_decay": 5e-4}, {"params": [head.bias], "weight_decay": 0}],
                           lr=lr, momentum=0.9, nesterov=True)
     X, Y, W = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(w.astype(np.float32))
-    steps = max(1, len(x) // bs)
+    n_epoch = nc * int(np.bincount(y[w == 1.0] if (w == 1.0).any() else y, minlength=nc).max()) \
+        if epoch_n == "balanced" else len(x)
+    steps = max(1, n_epoch // bs)
     total, warm = epochs * steps, steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (t + 1) / warm if t < warm else
                                               0.5 * (1 + np.cos(np.pi * (t - warm) / max(1, total - warm))))
@@ -75,7 +77,7 @@ def train_head(x, y, w, counts, nc, *, loss="balanced_softmax", epochs=4, lr=0.1
     for ep in range(epochs):
         if sampler == "class_balanced":
             per = [np.flatnonzero(y == c) for c in range(nc)]
-            order = np.concatenate([g.choice(p, len(x) // nc) for p in per if len(p)])
+            order = np.concatenate([g.choice(p, n_epoch // nc) for p in per if len(p)])
             g.shuffle(order)
         else:
             order = g.permutation(len(x))
@@ -307,7 +309,8 @@ def run_arm(feats, nc, arm, seed):
     w = np.where(src, arm.get("weight", 1.0), 1.0)
     prior = counts if arm.get("prior", "real") == "real" else np.bincount(y, minlength=nc)
     head = train_head(x, y, w, prior, nc, loss=arm.get("loss", "balanced_softmax"), epochs=arm.get("epochs", 4),
-                      lr=arm.get("lr", 0.1), seed=seed, sampler=arm.get("sampler", "instance"), val=feats["val"])
+                      lr=arm.get("lr", 0.1), seed=seed, sampler=arm.get("sampler", "instance"), val=feats["val"],
+                      epoch_n=arm.get("epoch_n", "data"))
     out = {}
     for s in ("val", "test"):
         xs, ys = feats[s]

@@ -136,7 +136,12 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], help="more --set overrides for tailforge run")
     ap.add_argument("--work", default="runs/bench-synthetic")
     ap.add_argument("--out", default=str(ROOT / "bench/results/synthetic_table"))
+    ap.add_argument("--readme", nargs="*", default=None, metavar="JSON",
+                    help="only rewrite README's synthetic-table block from these result JSONs "
+                    "(default: bench/results/synthetic_table_if*.json)")
     a = ap.parse_args(argv)
+    if a.readme is not None:
+        return readme(a.readme or sorted(str(p) for p in (ROOT / "bench/results").glob("synthetic_table_if*.json")))
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
@@ -187,6 +192,28 @@ def write(results: dict, a, wall: float) -> None:
     from tailforge.data.atomic import write_json, write_text
 
     write_json(a.out + ".json", {"args": vars(a), "results": results, "wall_s": round(wall, 1)})
+    write_text(a.out + ".md", "\n".join(render(results, a, wall)) + "\n")
+
+
+def readme(paths: list[str], readme_path: Path = ROOT / "README.md") -> None:
+    """Rewrite README's block between ``<!-- synthetic-table -->`` markers from the result JSONs."""
+    from tailforge.data.atomic import write_text
+
+    lines = []
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        a = argparse.Namespace(**d["args"])
+        lines += [f"From [{Path(p).with_suffix('.md').name}](bench/results/{Path(p).with_suffix('.md').name}):", ""]
+        lines += render(d["results"], a, d["wall_s"])[2:]
+    text = readme_path.read_text()
+    start, end = "<!-- synthetic-table -->", "<!-- /synthetic-table -->"
+    if text.count(start) != 1 or text.count(end) != 1:
+        raise SystemExit(f"README.md must hold one {start} ... {end} block")
+    i, j = text.index(start) + len(start), text.index(end)
+    write_text(readme_path, text[:i] + "\n" + "\n".join(lines).rstrip() + "\n" + text[j:])
+
+
+def render(results: dict, a, wall: float) -> list[str]:
     lines = [f"# Synthetic data vs the best real-only recipe: {a.dataset}-LT", "",
              f"Recipe `{Path(a.config).name}`" + (f", baseline epochs {a.epochs}" if a.epochs else "")
              + f"; generators {', '.join(a.generators)}; seeds {', '.join(map(str, a.seeds))}. "
@@ -223,7 +250,7 @@ def write(results: dict, a, wall: float) -> None:
             dtxt = "–" if not len(dd) else f"{dd.mean():+.1f}" + (f" ({dd.min():+.1f} … {dd.max():+.1f})" if len(dd) > 1 else "")
             lines.append(f"| {lab} | {ms(vals['val'])} | {ms(vals['test'])} | {dtxt} | {ms(r3)} | {ms(few)} |")
         lines.append("")
-    write_text(a.out + ".md", "\n".join(lines) + "\n")
+    return lines
 
 
 if __name__ == "__main__":

@@ -122,9 +122,13 @@ class RecipeConfig(BaseModel):
         "filtered", description="synthetic data of the rebalanced arm: the filter's accepted samples, or every "
         "candidate (the no-filter control)")
     synthetic_weight: float = Field(1.0, ge=0, description="loss weight of a synthetic sample (real: 1)")
+    epoch_samples: Literal["data", "balanced"] = Field(
+        "balanced", description="samples per epoch (see train.epoch_samples): balanced gives real-only and "
+        "rebalanced the same number of optimizer steps; data lets the larger synthetic set train longer (an "
+        "unfair advantage that once looked like a +2-point gain: bench/results/feature_study.md)")
 
     def train_config(self, train: BaseModel, base: str, synthetic: str) -> BaseModel:
-        upd = {"stage": self.stage, "prior": self.prior, "synthetic": synthetic,
+        upd = {"stage": self.stage, "prior": self.prior, "synthetic": synthetic, "epoch_samples": self.epoch_samples,
                "synthetic_weight": self.synthetic_weight, "base": base if self.stage == "crt" else None}
         for k in ("loss", "sampler", "epochs", "lr"):
             if getattr(self, k) is not None:

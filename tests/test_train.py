@@ -274,3 +274,18 @@ def test_bad_input(digits_run_copy, tmp_path):
     write_manifest(df[df["split"] != "train"], run.real)
     with pytest.raises(TailforgeError, match="no real training images"):
         train.fit(run, train.TrainConfig(**FAST), "empty")
+
+
+def test_balanced_epochs_give_real_only_and_rebalanced_the_same_budget():
+    """epoch_samples=balanced: an epoch is classes x the largest real class, with or without synthetic rows."""
+    from tailforge.train.samplers import epoch_indices
+
+    labels = np.repeat(np.arange(3), [50, 10, 2])
+    grown = np.r_[labels, np.repeat([1, 2], [40, 48])]  # + synthetic rows balancing the classes
+    for lab in (labels, grown):
+        order = epoch_indices("class_balanced", lab, 0, 3, n=150)
+        assert len(order) == 150 and order.max() < len(lab)
+        assert np.bincount(lab[order], minlength=3).min() > 30  # still class-balanced
+    assert np.array_equal(epoch_indices("class_balanced", labels, 0, 3, n=150), epoch_indices("class_balanced", labels, 0, 3, n=150))
+    assert len(epoch_indices("instance", labels, 0, 0, n=100)) == 100
+    assert np.array_equal(np.sort(epoch_indices("instance", labels, 0, 0)), np.arange(len(labels)))

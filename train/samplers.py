@@ -66,8 +66,14 @@ def shard_indices(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     return np.asarray(order)[:n][rank::world_size]
 
 
-def epoch_indices(name: str, labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+def epoch_indices(name: str, labels: np.ndarray, seed: int, epoch: int, n: int | None = None) -> np.ndarray:
+    """The epoch's order; ``n`` samples (default: as many as ``labels``): further draws of the sampler
+    are appended, or the order is cut, so two training sets of different sizes can get the same budget."""
     if name not in SAMPLERS:
         raise unknown_name("sampler", name, SAMPLERS)
     rng = np.random.default_rng([seed, epoch, 17])
-    return SAMPLERS[name](np.asarray(labels, dtype=np.int64), rng)
+    labels = np.asarray(labels, dtype=np.int64)
+    order = SAMPLERS[name](labels, rng)
+    while n is not None and len(order) < n:
+        order = np.concatenate([order, SAMPLERS[name](labels, rng)])
+    return order if n is None else order[:n]

@@ -293,6 +293,7 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
     weights = np.where(sources == "real", 1.0, cfg.synthetic_weight).astype(np.float32)
     counts = np.bincount(labels, minlength=nc)
     meta["train_counts"] = counts.tolist()
+    meta["real_class_max"] = int(np.bincount(labels[sources == "real"], minlength=nc).max())
     if cfg.prior == "real":  # the loss sees the real class frequencies (the sampler still sees every sample)
         counts = np.bincount(labels[sources == "real"], minlength=nc)
         meta["prior_counts"] = counts.tolist()
@@ -455,7 +456,10 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
     net = task.net
     opt = _optimizer(cfg, net)
     bs = max(1, min(cfg.batch_size, len(labels)) // dd.world)  # per process; the global batch is bs * world
-    steps = max(1, len(labels) // (bs * dd.world))  # drop the last partial batch (BatchNorm needs > 1 sample)
+    n_epoch = len(labels)
+    if cfg.epoch_samples == "balanced":  # the same budget with or without synthetic samples
+        n_epoch = len(counts) * int(meta["real_class_max"])
+    steps = max(1, n_epoch // (bs * dd.world))  # drop the last partial batch (BatchNorm needs > 1 sample)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.epochs * steps, int(round(cfg.warmup * steps))))
     ema = EMA(net, cfg.ema) if cfg.ema > 0 else None
     state = {"epoch": 0, "best": {"epoch": -1, "val_balanced_acc": -1.0}, "log": [], "best_weights": None}
@@ -483,7 +487,8 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
     total = cfg.epochs * steps
     for epoch in range(start, cfg.epochs):
         g = seed_epoch(cfg.seed, epoch, dd.rank)
-        order = epoch_indices(cfg.sampler, labels, cfg.seed, epoch)  # the same global order on every rank
+        order = epoch_indices(cfg.sampler, labels, cfg.seed, epoch,  # the same global order on every rank
+                              n_epoch if cfg.epoch_samples == "balanced" else None)
         mine = shard_indices(order, dd.rank, dd.world)
         fwd.train()
         if cfg.stage == "crt":
