@@ -54,7 +54,7 @@ def linked_copy(src: Path, dst: Path, own: tuple[str, ...]) -> None:
         base.symlink_to((src / "models" / "baseline").resolve())
 
 
-def extra_arms(run_dir: Path, seed: int, log: Path) -> list[str]:
+def extra_arms(run_dir: Path, seed: int, log: Path, loss_arms: bool = True) -> list[str]:
     """Train the extra arms in the winner's run folder; returns (run folder, model) pairs to evaluate."""
     import pandas as pd
 
@@ -75,8 +75,9 @@ def extra_arms(run_dir: Path, seed: int, log: Path) -> list[str]:
         out.append((r.root, name))
 
     base = cfg.baseline_train()
-    train(run, "balanced_softmax", base.model_copy(update={"loss": "balanced_softmax"}))
-    train(run, "ldam_drw", base.model_copy(update={"loss": "ldam_drw"}))
+    if loss_arms:
+        train(run, "balanced_softmax", base.model_copy(update={"loss": "balanced_softmax"}))
+        train(run, "ldam_drw", base.model_copy(update={"loss": "ldam_drw"}))
     train(run, "crt-bs", cfg.real_only_train().model_copy(update={"loss": "balanced_softmax", "sampler": "instance",
                                                                    "prior": "all"}))
     train(run, "all-candidates", cfg.recipe.train_config(cfg.train, cfg.baseline, "candidates"))
@@ -133,6 +134,8 @@ def main(argv=None):
                     help="the first one is the winner: the filter controls run on it")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs of the baseline (default: the recipe's)")
     ap.add_argument("--no-extras", action="store_true", help="skip the loss-table and filter-control arms")
+    ap.add_argument("--no-loss-arms", action="store_true", help="skip the full-training balanced_softmax and "
+                    "ldam_drw arms (two more backbone trainings per seed)")
     ap.add_argument("--set", action="append", default=[], help="more --set overrides for tailforge run")
     ap.add_argument("--work", default="runs/bench-synthetic")
     ap.add_argument("--out", default=str(ROOT / "bench/results/synthetic_table"))
@@ -165,7 +168,7 @@ def main(argv=None):
                 run_s = time.time() - t0
                 pairs = [(rd, "baseline"), (rd, "real-only"), (rd, "rebalanced")]
                 if gi == 0 and not a.no_extras:
-                    pairs += extra_arms(rd, seed, log)
+                    pairs += extra_arms(rd, seed, log, loss_arms=not a.no_loss_arms)
                 ev = evaluate_all(pairs)
                 for name, m in ev.items():
                     label = f"recipe + {g}" if name == "rebalanced" else name
