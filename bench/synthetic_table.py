@@ -207,7 +207,7 @@ def readme(paths: list[str], readme_path: Path = ROOT / "README.md") -> None:
         d = json.loads(Path(p).read_text())
         a = argparse.Namespace(**d["args"])
         lines += [f"From [{Path(p).with_suffix('.md').name}](bench/results/{Path(p).with_suffix('.md').name}):", ""]
-        lines += render(d["results"], a, d["wall_s"])[2:]
+        lines += [("#### " + x[3:]) if x.startswith("## ") else x for x in render(d["results"], a, d["wall_s"])[2:]]
     text = readme_path.read_text()
     start, end = "<!-- synthetic-table -->", "<!-- /synthetic-table -->"
     if text.count(start) != 1 or text.count(end) != 1:
