@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import numpy as np
 
 from tailforge.data import TailforgeError
 
-from .base import Generator
-from .featdict import train_features
+from .featdict import FeatureGenerator, train_features
 from .planner import Plan
-from .shards import Progress, Shard, base_row, resolve_device, sample_seed
+from .shards import Progress, resolve_device
 
 
 def _timestep_embedding(t, dim: int = 64):
@@ -153,23 +151,13 @@ class FeatureDiffusion:
         return (np.maximum(out, 0) if self.nonneg_ else out).astype(np.float32)
 
 
-class FDiffGenerator(Generator):
+class FDiffGenerator(FeatureGenerator):
     name = "fdiff"
     source = "fdiff"
 
     def prepare(self, plan: Plan, progress: Progress | None = None) -> None:
         o = self.cfg.fdiff
         X, y = train_features(self.run, self.cfg.feature_model, progress)
-        self.model = FeatureDiffusion(steps=o.fdiff_steps, width=o.fdiff_width, sample_steps=o.fdiff_sample_steps,
+        self.sampler = FeatureDiffusion(steps=o.fdiff_steps, width=o.fdiff_width, sample_steps=o.fdiff_sample_steps,
                                       guidance=o.fdiff_guidance, seed=self.cfg.seed,
                                       device=resolve_device(self.cfg.device)).fit(X, y, progress)
-
-    def run_shard(self, shard: Shard, out_dir: Path) -> list[dict]:
-        seeds = [sample_seed(self.cfg.seed, shard.label, i) for i in shard.indices()]
-        np.save(out_dir / "features.npy", self.model.sample(shard.label, seeds))
-        rows = []
-        for k, index in enumerate(shard.indices()):
-            row = base_row(shard, index, self.cfg.seed, self.source, f"synthetic/{self.name}/{shard.id}/features.npy#{k}")
-            row["feature_model"] = self.cfg.feature_model
-            rows.append(row)
-        return rows

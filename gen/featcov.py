@@ -23,19 +23,16 @@ over featdict on the VAL split of Fashion-MNIST-LT (bench/results/feature_study.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from tailforge.data import TailforgeError
 
-from .base import Generator
-from .featdict import sampling_targets, train_features
+from .featdict import FeatureGenerator, FeatureOversampler, train_features
 from .planner import Plan
-from .shards import Progress, Shard, base_row, sample_seed
+from .shards import Progress
 
 
-class FeatureCovOversampler:
+class FeatureCovOversampler(FeatureOversampler):
     """Oversample classes in feature space: a real anchor of the class plus Gaussian head-class variation."""
 
     def __init__(self, sampling_strategy="auto", scale: float = 1.0, heads: int = 0, shrink: float = 0.0,
@@ -94,23 +91,8 @@ class FeatureCovOversampler:
             out[i] = x + self.scale * (L @ rng.standard_normal(xc.shape[1]).astype(np.float32))
         return np.maximum(out, 0) if self.nonneg_ else out
 
-    def sampling_targets(self) -> dict:
-        """label -> number of samples to ADD."""
-        return sampling_targets(self.sampling_strategy, dict(zip(self.classes_.tolist(), self.counts_.tolist())))
 
-    def fit_resample(self, X, y):
-        """Real + synthetic features and labels (synthetic appended, class by class)."""
-        self.fit(X, y)
-        rng = np.random.default_rng(self.random_state)
-        xs, ys = [np.asarray(X, dtype=np.float32)], [np.asarray(y)]
-        for c, n in sorted(self.sampling_targets().items()):
-            if n > 0:
-                xs.append(self.sample(c, rng.integers(0, 2**63 - 1, size=n)))
-                ys.append(np.full(n, c, dtype=np.asarray(y).dtype))
-        return np.concatenate(xs), np.concatenate(ys)
-
-
-class FeatCovGenerator(Generator):
+class FeatCovGenerator(FeatureGenerator):
     name = "featcov"
     source = "featcov"
 
@@ -119,13 +101,3 @@ class FeatCovGenerator(Generator):
         X, y = train_features(self.run, self.cfg.feature_model, progress)
         self.sampler = FeatureCovOversampler(scale=o.featcov_scale, heads=o.featcov_heads,
                                              shrink=o.featcov_shrink).fit(X, y)
-
-    def run_shard(self, shard: Shard, out_dir: Path) -> list[dict]:
-        seeds = [sample_seed(self.cfg.seed, shard.label, i) for i in shard.indices()]
-        np.save(out_dir / "features.npy", self.sampler.sample(shard.label, seeds).astype(np.float32))
-        rows = []
-        for k, index in enumerate(shard.indices()):
-            row = base_row(shard, index, self.cfg.seed, self.source, f"synthetic/{self.name}/{shard.id}/features.npy#{k}")
-            row["feature_model"] = self.cfg.feature_model
-            rows.append(row)
-        return rows

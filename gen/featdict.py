@@ -36,7 +36,31 @@ from .planner import Plan
 from .shards import Progress, Shard, base_row, sample_seed
 
 
-class FeatureDictOversampler:
+class FeatureOversampler:
+    """The imbalanced-learn face shared by the feature oversamplers: a subclass's ``fit(X, y)`` sets
+    ``classes_`` and ``counts_`` and its ``sample(label, seeds)`` draws; this adds ``sampling_targets``
+    and ``fit_resample``."""
+
+    sampling_strategy = "auto"
+    random_state = None
+
+    def sampling_targets(self) -> dict:
+        """label -> number of samples to ADD."""
+        return sampling_targets(self.sampling_strategy, dict(zip(self.classes_.tolist(), self.counts_.tolist())))
+
+    def fit_resample(self, X, y):
+        """Real + synthetic features and labels (synthetic appended, class by class)."""
+        self.fit(X, y)
+        rng = np.random.default_rng(self.random_state)
+        xs, ys = [np.asarray(X, dtype=np.float32)], [np.asarray(y)]
+        for c, n in sorted(self.sampling_targets().items()):
+            if n > 0:
+                xs.append(self.sample(c, rng.integers(0, 2**63 - 1, size=n)))
+                ys.append(np.full(n, c, dtype=np.asarray(y).dtype))
+        return np.concatenate(xs), np.concatenate(ys)
+
+
+class FeatureDictOversampler(FeatureOversampler):
     """Oversample minority classes in feature space from per-class and head-variation dictionaries.
 
     ``sampling_strategy``: ``"auto"``/``"not majority"`` (every class up to the largest),
@@ -98,20 +122,6 @@ class FeatureDictOversampler:
             out[i] = x + lam * (a - x) + beta * self.spread_[label] * v
         return np.maximum(out, 0) if self.nonneg_ else out
 
-    def sampling_targets(self) -> dict:
-        """label -> number of samples to ADD."""
-        return sampling_targets(self.sampling_strategy, dict(zip(self.classes_.tolist(), self.counts_.tolist())))
-
-    def fit_resample(self, X, y):
-        """Real + synthetic features and labels (synthetic appended, class by class)."""
-        self.fit(X, y)
-        rng = np.random.default_rng(self.random_state)
-        xs, ys = [np.asarray(X, dtype=np.float32)], [np.asarray(y)]
-        for c, n in sorted(self.sampling_targets().items()):
-            if n > 0:
-                xs.append(self.sample(c, rng.integers(0, 2**63 - 1, size=n)))
-                ys.append(np.full(n, c, dtype=np.asarray(y).dtype))
-        return np.concatenate(xs), np.concatenate(ys)
 
 
 def sampling_targets(strategy, counts: dict) -> dict:
@@ -149,7 +159,23 @@ def train_features(run, model_name: str, progress: Progress | None = None):
     return train.embed(model, meta, images), df["label"].to_numpy()
 
 
-class FeatDictGenerator(Generator):
+class FeatureGenerator(Generator):
+    """A generator whose samples are feature vectors in the space of ``cfg.feature_model``: ``prepare``
+    sets ``self.sampler`` (anything with ``sample(label, seeds) -> float32 (n, D)``); every shard is one
+    ``features.npy`` whose rows the manifest addresses as ``path.npy#row``."""
+
+    def run_shard(self, shard: Shard, out_dir: Path) -> list[dict]:
+        seeds = [sample_seed(self.cfg.seed, shard.label, i) for i in shard.indices()]
+        np.save(out_dir / "features.npy", self.sampler.sample(shard.label, seeds).astype(np.float32))
+        rows = []
+        for k, index in enumerate(shard.indices()):
+            row = base_row(shard, index, self.cfg.seed, self.source, self.uri(shard, f"features.npy#{k}"))
+            row["feature_model"] = self.cfg.feature_model
+            rows.append(row)
+        return rows
+
+
+class FeatDictGenerator(FeatureGenerator):
     name = "featdict"
     source = "featdict"
 
@@ -158,14 +184,3 @@ class FeatDictGenerator(Generator):
         X, y = train_features(self.run, self.cfg.feature_model, progress)
         self.sampler = FeatureDictOversampler(n_atoms=o.featdict_atoms, k_neighbors=o.featdict_k,
                                               variation=o.featdict_variation).fit(X, y)
-
-    def run_shard(self, shard: Shard, out_dir: Path) -> list[dict]:
-        seeds = [sample_seed(self.cfg.seed, shard.label, i) for i in shard.indices()]
-        feats = self.sampler.sample(shard.label, seeds).astype(np.float32)
-        np.save(out_dir / "features.npy", feats)
-        rows = []
-        for k, index in enumerate(shard.indices()):
-            row = base_row(shard, index, self.cfg.seed, self.source, f"synthetic/featdict/{shard.id}/features.npy#{k}")
-            row["feature_model"] = self.cfg.feature_model
-            rows.append(row)
-        return rows
