@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from tailforge.train.config import TrainConfig
+from tailforge.train.config import ClipOptions, TrainConfig, TransferOptions
 
-from .cliutil import add_model_args, add_run_arg, console, stage_config
+from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
+
+# nested sections of TrainConfig with options of their own: --transfer-freeze-epochs, --clip-prompts, ...
+NESTED = {"transfer": (TransferOptions, "transfer (two-phase fine-tuning of a --pretrained timm/torchvision "
+                       "backbone)"),
+          "clip": (ClipOptions, "clip (model clip_adapter: frozen CLIP from --pretrained DIR, zero-shot head + "
+                   "linear adapter)")}
 
 
 def add_parser(sub) -> None:
@@ -17,14 +23,35 @@ def add_parser(sub) -> None:
         "models/<name>/ (model.safetensors, config.json, log.jsonl, best.json). An interrupted training "
         "resumes from its last finished epoch when the same command is run again. With more than one visible GPU "
         "training runs under torchrun, one DDP process per GPU (--ddp off: one process; --nproc N with "
-        "--device cpu: N CPU processes); --batch-size is the global batch.",
+        "--device cpu: N CPU processes); --batch-size is the global batch. Pretrained models: --model clip-adapter "
+        "--pretrained CLIP_DIR (frozen CLIP, zero-shot head from the class names, class-balanced linear adapter); "
+        "--model NAME --pretrained WEIGHTS --transfer-freeze-epochs N (head first, then everything).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_run_arg(p)
     p.add_argument("--name", metavar="NAME", help="model folder name (default: <model>-<loss>-<sampler>-s<seed>)")
     p.add_argument("--config", metavar="YAML", help="YAML file with a `train:` section (or top-level keys)")
     add_model_args(p, TrainConfig, group="training")
+    for key, (model, title) in NESTED.items():
+        group = p.add_argument_group(title)
+        add_model_args(group, model, prefix=f"{key}_", group=False, skip=("prompts",))
+    group.add_argument("--clip-prompts", dest="clip_prompts", type=_templates, default=argparse.SUPPRESS,
+                       metavar="TEMPLATE", help="prompt template of the zero-shot head, {name} = the class name, e.g. "
+                       "'a photo of the digit {name}.'; several as a YAML list: '[\"a {name}.\", \"a photo of a "
+                       "{name}.\"]' (their text embeddings are averaged) [default: 'a photo of a {name}.']")
     p.set_defaults(func=run)
+
+
+def _templates(text: str) -> list[str]:
+    """One prompt template (commas are part of it), or a YAML list of them."""
+    import yaml
+
+    if text.strip().startswith("["):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a YAML list of templates") from None
+    return [text]
 
 
 def default_name(cfg: TrainConfig) -> str:
@@ -39,7 +66,7 @@ def run(args) -> int:
     from tailforge.train import launch_fit
     from tailforge.train.trainer import check_names
 
-    cfg = stage_config(args, TrainConfig, "train", top_level=True)
+    cfg = train_config(args)
     name = args.name or default_name(cfg)
     check_names(cfg)  # before the progress bar opens
     con = console()
@@ -51,6 +78,18 @@ def run(args) -> int:
     con.print(f"wrote {path}: best epoch {best['epoch']}, val balanced accuracy {best['val_balanced_acc']:.4f} "
               f"(val top-1 {best['val_top1']:.4f})")
     return 0
+
+
+def train_config(args) -> TrainConfig:
+    """The `train:` section of --config under the options given; --transfer-*/--clip-* update its nested sections."""
+    sec = section(load_yaml(args.config), "train", source=args.config, top_level=True)
+    nested = {}
+    for key, (model, _) in NESTED.items():
+        opts = given(args, model, prefix=f"{key}_")
+        if opts:
+            base = sec.get(key) if isinstance(sec.get(key), dict) else {}
+            nested[key] = {**base, **opts}
+    return build(TrainConfig, sec, given(args, TrainConfig), nested, what="train config")
 
 
 class _bar:

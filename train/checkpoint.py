@@ -32,6 +32,10 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def build_from_meta(meta: dict) -> Classifier:
+    if meta["arch"] == "clip_adapter":  # its image tower is loaded from the CLIP folder config.json names
+        from .clip import adapter_from_meta
+
+        return adapter_from_meta(meta)
     h, w = meta["image_size"]
     return create_model(meta["arch"], meta["num_classes"], meta["in_chans"], max(h, w), width=meta.get("width"),
                         head=meta.get("head", "linear"), scale=meta.get("scale", 16.0),

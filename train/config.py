@@ -10,6 +10,54 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+class ClipOptions(BaseModel):
+    """model clip_adapter: the zero-shot head's prompts, the blend with the adapter, the input size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(["a photo of a {name}."], description="prompt templates of the zero-shot head; "
+                               "{name} is the class name (underscores as spaces); several templates are averaged "
+                               "(YAML list; on the command line one template, or a [list])")
+    blend: Union[float, None] = Field(None, ge=0, le=1, description="weight a of the adapter in log p = (1 - a) "
+                                      "log softmax(zero-shot) + a log softmax(adapter); None: chosen on the VAL split "
+                                      "(0, 0.05, ..., 1; best balanced accuracy) and recorded in the model")
+    image_size: Union[int, None] = Field(None, ge=8, description="input size of the CLIP image tower (default: its "
+                                         "config's image_size; another size interpolates the position embeddings)")
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _one_or_more(cls, v):
+        v = [v] if isinstance(v, str) else v
+        if isinstance(v, (list, tuple)):
+            if not v:
+                raise ValueError("give at least one prompt template, e.g. 'a photo of a {name}.'")
+            for t in v:
+                if not isinstance(t, str) or "{name}" not in t:
+                    raise ValueError(f"prompt template {t!r} has no {{name}} placeholder for the class name")
+                try:
+                    t.format(name="x")
+                except (KeyError, IndexError, ValueError):
+                    raise ValueError(f"prompt template {t!r} may hold only the {{name}} placeholder "
+                                     "(write other braces as {{ and }})") from None
+        return v
+
+
+class TransferOptions(BaseModel):
+    """Two-phase transfer learning from `pretrained` weights (timm/torchvision backbones)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    freeze_epochs: int = Field(0, ge=0, description="phase 1: epochs that train the head alone on the frozen "
+                               "pretrained backbone (its weights and BatchNorm statistics do not change); phase 2, "
+                               "the remaining epochs, trains everything. 0: one phase (needs --pretrained when > 0)")
+    backbone_lr_mult: float = Field(1.0, gt=0, description="phase 2: the backbone's learning rate is lr x this (e.g. "
+                                    "0.1: the pretrained features move ten times slower than the head)")
+
+    @property
+    def active(self) -> bool:
+        return self.freeze_epochs > 0 or self.backbone_lr_mult != 1.0
+
+
 class TrainConfig(BaseModel):
     """How to train one classifier on a run's manifest (real, or real + accepted synthetic)."""
 
@@ -18,11 +66,14 @@ class TrainConfig(BaseModel):
     # model
     model: str = Field("tiny", description="architecture: tiny (small fast CNN), resnet32 (CIFAR ResNet-32 of the "
                        "long-tail literature), resnet10 (ImageNet-LT's ResNet-10), resnet18, resnet50, mobilenetv2, "
-                       "convnext_tiny, convnext_base, vit_b_16 (or any timm name)")
+                       "convnext_tiny, convnext_base, vit_b_16 (or any timm name); clip_adapter (frozen CLIP from "
+                       "--pretrained: zero-shot head + a linear adapter, see `clip`)")
     width: Union[int, None] = Field(None, ge=1, description="base channel width of tiny (default 32) and resnet32 "
                                     "(default 16); ignored by timm models")
-    pretrained: Union[Path, None] = Field(None, description="LOCAL pretrained weights (a .safetensors/.pth file or a "
-                                          "folder holding one); never downloaded")
+    pretrained: Union[Path, None] = Field(None, description="LOCAL pretrained weights, never downloaded: for timm/"
+                                          "torchvision models a .safetensors/.pth file or a folder holding one "
+                                          "(timm's config.json + model.safetensors); for clip_adapter a folder saved by "
+                                          "CLIPModel.save_pretrained + the tokenizer's save_pretrained")
     input_size: Union[int, None] = Field(None, ge=8, description="resize inputs to this square size inside the model "
                                          "(default: the dataset size, raised to the architecture's minimum)")
     # loss
@@ -93,6 +144,12 @@ class TrainConfig(BaseModel):
                                       "model folder)")
     kd_temperature: float = Field(4.0, gt=0, description="distillation temperature")
     kd_alpha: float = Field(0.5, ge=0, le=1, description="distillation: weight of the KD term (1-alpha on the task loss)")
+    # pretrained models
+    transfer: TransferOptions = Field(default_factory=TransferOptions, description="two-phase transfer learning of a "
+                                      "--pretrained backbone: freeze_epochs (head only), then everything with the "
+                                      "backbone's lr x backbone_lr_mult")
+    clip: ClipOptions = Field(default_factory=ClipOptions, description="clip_adapter: prompts of the zero-shot head, "
+                              "blend with the adapter (default: chosen on val), input size")
     # runtime
     seed: int = Field(0, description="seed of initialisation, sampling and augmentation")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:1, ...")
@@ -116,6 +173,19 @@ class TrainConfig(BaseModel):
             raise ValueError("stage crt needs `base`: the name of the trained model whose backbone is frozen")
         if self.drw_epoch is not None and self.drw_epoch > self.epochs:
             raise ValueError(f"drw_epoch ({self.drw_epoch}) is after the last epoch ({self.epochs})")
+        if self.transfer.active:
+            if self.stage == "crt" or self.model == CLIP_ADAPTER:
+                raise ValueError("transfer applies to full training of a timm/torchvision backbone; stage crt and "
+                                 "clip_adapter already keep their backbone frozen: drop the transfer settings")
+            if self.transfer.freeze_epochs > self.epochs:
+                raise ValueError(f"transfer.freeze_epochs ({self.transfer.freeze_epochs}) is more than the epochs "
+                                 f"({self.epochs})")
+            if self.transfer.freeze_epochs > 0 and self.pretrained is None:
+                raise ValueError("transfer.freeze_epochs trains a head on a frozen backbone, which needs pretrained "
+                                 "weights: pass --pretrained FILE_OR_DIR (local timm/torchvision weights)")
+        if self.model == CLIP_ADAPTER and self.stage == "full" and self.teacher:
+            raise ValueError("clip_adapter trains a head on frozen CLIP features; distillation (teacher) needs "
+                             "a full model: drop teacher")
         return self
 
     def identity(self) -> dict:
@@ -125,7 +195,14 @@ class TrainConfig(BaseModel):
             d.pop(k, None)
         if self.loss == "ldam_drw":  # the resolved default, so a changed default is not served from disk
             d["drw_epoch"] = drw_start(self)
+        if not self.transfer.active:  # models trained before these sections existed keep their identity
+            d.pop("transfer")
+        if self.model != CLIP_ADAPTER:
+            d.pop("clip")
         return d
+
+
+CLIP_ADAPTER = "clip_adapter"
 
 
 def drw_start(cfg: TrainConfig) -> int:

@@ -25,7 +25,8 @@ TIMM_MODELS = {
     "vit_b_16": ("vit_base_patch16_224", 32),
 }
 OWN_MODELS = ("tiny", "resnet32", "resnet10")
-MODELS = OWN_MODELS + tuple(TIMM_MODELS)
+CLIP_MODELS = ("clip_adapter",)  # frozen CLIP + zero-shot head + adapter (train/clip.py); built from its weights
+MODELS = OWN_MODELS + tuple(TIMM_MODELS) + CLIP_MODELS
 
 
 class TinyNet(nn.Module):
@@ -136,6 +137,10 @@ def create_model(arch: str, num_classes: int, in_chans: int, image_size: int, *,
                  head: str = "linear", scale: float = 16.0, input_size: int | None = None) -> Classifier:
     """Build a ``Classifier``; ``arch`` is one of ``MODELS`` or any timm model name."""
     size = input_size or max(image_size, min_input(arch))
+    if arch in CLIP_MODELS:
+        raise TailforgeError(f"model {arch} is built from its CLIP weights, not by create_model",
+                             "train it with `tailforge train --model clip_adapter --pretrained DIR`; load a saved one "
+                             "with tailforge.train.load_model")
     if arch == "tiny":
         body = TinyNet(in_chans, width or 32)
     elif arch == "resnet32":
@@ -183,6 +188,19 @@ def find_weights(path: Path) -> Path:
     return path
 
 
+def pretrained_arch(path: Path) -> str | None:
+    """The architecture a timm weights folder names in its ``config.json`` (``architecture``), if any."""
+    conf = Path(path) / "config.json"
+    if not conf.is_file():
+        return None
+    import json
+
+    try:
+        return json.loads(conf.read_text()).get("architecture")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_pretrained(model: Classifier, path: Path) -> dict:
     """Load local weights into the backbone; heads and shape-mismatched tensors are skipped.
 
@@ -212,10 +230,12 @@ def load_pretrained(model: Classifier, path: Path) -> dict:
     return {"loaded": len(take), "skipped": len(skipped), "missing": len(own) - len(take)}
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights only: biases and norm parameters (1-d tensors) get none."""
+def param_groups(params, weight_decay: float) -> list[dict]:
+    """Weight decay on weights only: biases and norm parameters (1-d tensors) get none.
+
+    ``params``: a module or an iterable of parameters."""
     decay, no_decay = [], []
-    for _, p in module.named_parameters():
+    for p in (params.parameters() if isinstance(params, nn.Module) else params):
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import shutil
@@ -31,12 +32,15 @@ from tailforge.data.run import RunDir
 
 from .augment import augment, mix
 from .checkpoint import build_from_meta, embed, load_model, resolve_device
-from .config import TrainConfig
+from .clip import ClipAdapter, adapter_for_run, base_features, check_folder
+from .config import CLIP_ADAPTER, TrainConfig
 from .losses import LOSSES, build_loss, kd_loss, supcon
-from .models import MODELS, create_model, load_pretrained, make_head, param_groups
+from .models import MODELS, TIMM_MODELS, create_model, find_weights, load_pretrained, make_head, param_groups, \
+    pretrained_arch
 from .samplers import SAMPLERS, epoch_indices, shard_indices
 
 STATE = "state.pt"
+log = logging.getLogger("tailforge")
 
 
 # ----------------------------------------------------------------------------- data
@@ -201,6 +205,14 @@ def check_names(cfg: TrainConfig) -> None:
     if cfg.stage == "crt" and cfg.teacher:
         raise TailforgeError("distillation (teacher) is not supported with stage crt",
                              "distil in the full stage, then run crt on the student")
+    if cfg.stage == "full" and cfg.model == CLIP_ADAPTER:
+        check_folder(cfg.pretrained)  # before anything runs: the missing file and how to provide it
+    elif cfg.stage == "full" and cfg.pretrained is not None:
+        find_weights(cfg.pretrained)
+        arch, want = pretrained_arch(cfg.pretrained), TIMM_MODELS.get(cfg.model, (cfg.model,))[0]
+        if arch and arch != want and cfg.model != arch:
+            raise TailforgeError(f"pretrained weights {cfg.pretrained} are a '{arch}' (config.json) but --model is "
+                                 f"'{cfg.model}'", f"pass --model {arch}, or the weights of a {cfg.model}")
 
 
 def _model_folder(run: RunDir, name: str) -> Path:
@@ -241,8 +253,11 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
         base.head = make_head(loss_head, base.feature_dim, nc, cfg.scale).to(dev)
         for p in base.backbone.parameters():
             p.requires_grad_(False)
-        imgs = load_images(img_rows["uri"], run.root, chans, size)
-        feats = embed(base, bmeta, imgs, cfg.eval_batch_size, dev)
+        if isinstance(base, ClipAdapter):  # its features are in the run's cache
+            feats, val_feats = base_features(run, base, bmeta, img_rows, val, info, cfg.eval_batch_size, dev)
+        else:
+            feats = embed(base, bmeta, load_images(img_rows["uri"], run.root, chans, size), cfg.eval_batch_size, dev)
+            val_feats = embed(base, bmeta, load_images(val["uri"], run.root, chans, size), cfg.eval_batch_size, dev)
         fd = rows[is_feat]
         if "feature_model" in fd.columns:
             fd = fd[fd["feature_model"] == cfg.base]
@@ -259,10 +274,21 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
             labels = np.concatenate([labels, fd["label"].to_numpy()])
             sources = np.concatenate([sources, fd["source"].to_numpy()])
         meta_extra["n_featdict"] = int(len(fd))
-        val_feats = embed(base, bmeta, load_images(val["uri"], run.root, chans, size), cfg.eval_batch_size, dev)
         meta = {**bmeta, "head": loss_head, "scale": cfg.scale}
         task = FeatureTask(base, feats, val_feats, cfg, dev)
         model = base
+    elif cfg.model == CLIP_ADAPTER:  # frozen CLIP: the adapter trains on cached features, like cRT
+        loss_head = LOSSES[cfg.loss].head
+        model, feats, val_feats, clip_meta = adapter_for_run(run, cfg, info, img_rows, val, loss_head, dev)
+        meta = {"arch": CLIP_ADAPTER, "num_classes": nc, "in_chans": chans, "image_size": list(size),
+                "input_size": model.input_size, "mean": [0.0] * chans, "std": [1.0] * chans,  # CLIP normalises
+                "feature_dim": model.feature_dim, "class_names": info["class_names"], "head": loss_head,
+                "scale": cfg.scale, "width": None, "clip": clip_meta}
+        model = model.to(dev)
+        task = FeatureTask(model, feats, val_feats, cfg, dev)
+        labels = img_rows["label"].to_numpy()
+        sources = img_rows["source"].to_numpy()
+        meta_extra["n_featdict_ignored"] = int(is_feat.sum())
     else:
         imgs = load_images(img_rows["uri"], run.root, chans, size)
         real_imgs = imgs[(img_rows["source"] == "real").to_numpy()]
@@ -272,6 +298,10 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
                              input_size=cfg.input_size)
         if cfg.pretrained is not None:
             meta_extra["pretrained"] = {"path": str(cfg.pretrained), **load_pretrained(model, cfg.pretrained)}
+            if meta_extra["pretrained"]["missing"]:
+                log.warning("pretrained %s: %d of the backbone's tensors have no match there and keep their random "
+                            "initialisation (%d loaded)", cfg.pretrained, meta_extra["pretrained"]["missing"],
+                            meta_extra["pretrained"]["loaded"])
         meta = {"arch": cfg.model, "num_classes": nc, "in_chans": chans, "image_size": list(size),
                 "input_size": model.input_size, "mean": mean, "std": std, "feature_dim": model.feature_dim,
                 "class_names": info["class_names"], "head": loss_head, "scale": cfg.scale, "width": cfg.width}
@@ -454,13 +484,14 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
                              "train in one process (ddp: off)")
     loss_fn = build_loss(cfg, counts).to(dev)
     net = task.net
-    opt = _optimizer(cfg, net)
+    transfer = cfg.stage == "full" and cfg.transfer.active  # two phases: head alone, then everything
+    opt = _optimizer(cfg, net, model.backbone if transfer else None)
     bs = max(1, min(cfg.batch_size, len(labels)) // dd.world)  # per process; the global batch is bs * world
     n_epoch = len(labels)
     if cfg.epoch_samples == "balanced":  # the same budget with or without synthetic samples
         n_epoch = len(counts) * int(meta["real_class_max"])
     steps = max(1, n_epoch // (bs * dd.world))  # drop the last partial batch (BatchNorm needs > 1 sample)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.epochs * steps, int(round(cfg.warmup * steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps, len(opt.param_groups), transfer))
     ema = EMA(net, cfg.ema) if cfg.ema > 0 else None
     state = {"epoch": 0, "best": {"epoch": -1, "val_balanced_acc": -1.0}, "log": [], "best_weights": None}
     start = 0
@@ -479,6 +510,9 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
         if not (cfg.resume and start > 0):
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
+    frozen = transfer and start < cfg.transfer.freeze_epochs
+    if transfer:
+        model.backbone.requires_grad_(not frozen)  # before DDP sees the parameters it must synchronise
     fwd = dd.wrap(_Forward(task, net))  # DDP broadcasts rank 0's weights here and averages gradients
 
     amp = dev.type == "cuda" and cfg.amp
@@ -490,8 +524,12 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
         order = epoch_indices(cfg.sampler, labels, cfg.seed, epoch,  # the same global order on every rank
                               n_epoch if cfg.epoch_samples == "balanced" else None)
         mine = shard_indices(order, dd.rank, dd.world)
+        if frozen and epoch >= cfg.transfer.freeze_epochs:  # phase 2: the backbone trains too
+            frozen = False
+            model.backbone.requires_grad_(True)
+            fwd = dd.wrap(_Forward(task, net))
         fwd.train()
-        if cfg.stage == "crt":
+        if cfg.stage == "crt" or frozen:  # a frozen backbone keeps its BatchNorm statistics too
             model.backbone.eval()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         for step in range(steps):
@@ -531,16 +569,18 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
             loss_sum += loss_v * len(idx) * dd.world
             if progress and dd.main:
                 progress(epoch * steps + step + 1, total, {"epoch": epoch + 1, "loss": round(loss_v, 4),
-                                                           "lr": sched.get_last_lr()[0]})
+                                                           "lr": sched.get_last_lr()[-1]})
         train_s = time.perf_counter() - t0
         if dd.main:  # validation, model selection and the saved state are rank 0's; the others wait
             judged = ema.module if ema is not None else net
             vlog = task.val_logits(judged)
             vpred = vlog.argmax(1)
             rec = {"epoch": epoch + 1, "train_loss": round(loss_sum / max(seen, 1), 6),
-                   "lr": sched.get_last_lr()[0], "val_balanced_acc": round(balanced_accuracy(val_y, vpred), 6),
+                   "lr": sched.get_last_lr()[-1], "val_balanced_acc": round(balanced_accuracy(val_y, vpred), 6),
                    "val_top1": round(float((vpred == val_y).mean()), 6), "images_per_s": round(seen / train_s, 1),
                    "time_s": round(train_s, 3)}
+            if transfer:
+                rec.update(phase=1 if frozen else 2, backbone_lr=sched.get_last_lr()[0])
             state["log"].append(rec)
             if rec["val_balanced_acc"] > state["best"]["val_balanced_acc"]:
                 state["best"] = {"epoch": epoch + 1, "val_balanced_acc": rec["val_balanced_acc"],
@@ -554,6 +594,12 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
 
     if dd.main:
         net.load_state_dict(state["best_weights"])
+        if isinstance(model, ClipAdapter):  # the blend with the zero-shot head, chosen on val
+            chosen = model.choose_blend(task.val_feats, val_y, balanced_accuracy, cfg.clip.blend)
+            meta["clip"] = {**meta.get("clip", {}), **{k: v for k, v in chosen.items() if k != "grid"},
+                            "blend_grid": chosen["grid"]}
+            state["best"].update({k: chosen[k] for k in ("val_balanced_acc", "val_top1", "blend", "blend_chosen_on",
+                                                          "zero_shot_val_balanced_acc", "adapter_val_balanced_acc")})
         meta.update({"images_per_s": state["log"][-1]["images_per_s"] if state["log"] else None,
                      "device": str(dev), "best_epoch": state["best"]["epoch"]})
         if dd.world > 1 or dd.owns_group:
@@ -564,11 +610,37 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
     return final
 
 
-def _optimizer(cfg: TrainConfig, net: nn.Module):
-    groups = param_groups(net, cfg.weight_decay)
+def _optimizer(cfg: TrainConfig, net: nn.Module, backbone: nn.Module | None = None):
+    """SGD or AdamW over ``net``; with ``backbone`` (two-phase transfer) its parameters form their own groups at
+    lr x ``transfer.backbone_lr_mult`` (first two groups), the rest of ``net`` (the head) at lr."""
+    if backbone is None:
+        groups = param_groups(net, cfg.weight_decay)
+    else:
+        own = {id(p) for p in backbone.parameters()}
+        rest = [p for p in net.parameters() if id(p) not in own]
+        groups = [{**g, "lr": cfg.lr * cfg.transfer.backbone_lr_mult} for g in param_groups(backbone, cfg.weight_decay)]
+        groups += [{**g, "lr": cfg.lr} for g in param_groups(rest, cfg.weight_decay)]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+
+
+def _schedule(cfg: TrainConfig, steps: int, n_groups: int, transfer: bool):
+    """LR factor(s) per step: linear warm-up then cosine over all epochs. Two-phase transfer: the head warms up
+    and decays over phase 1, then again over phase 2; the backbone is at 0 in phase 1 and follows phase 2."""
+    warm = int(round(cfg.warmup * steps))
+    if not transfer:
+        return lr_lambda(cfg.epochs * steps, warm)
+    p1_end = cfg.transfer.freeze_epochs * steps
+    p1, p2 = lr_lambda(p1_end, warm), lr_lambda(cfg.epochs * steps - p1_end, warm)
+
+    def head(step: int) -> float:
+        return p1(step) if step < p1_end else p2(step - p1_end)
+
+    def backbone(step: int) -> float:
+        return 0.0 if step < p1_end else p2(step - p1_end)
+
+    return [backbone, backbone] + [head] * (n_groups - 2)
 
 
 def _save_state(work: Path, ident: dict, net, opt, sched, ema, state: dict) -> None:

@@ -2,34 +2,33 @@
 
 An embedder turns uint8 images (N x H x W x C) into L2-normalised float32 vectors (N x D), in
 batches, on the GPU when there is one. ``key`` names the exact weights (path, size, mtime) so
-that ``embed_cached`` can keep the vectors of a run under ``<run>/filter/cache`` and a re-run, or
-a resumed run, does not recompute them.
+that ``embed_cached`` (``tailforge.train.features``) can keep the vectors of a run under
+``<run>/filter/cache`` and a re-run, or a resumed run, does not recompute them. The cache is shared:
+the ``clip_adapter`` classifier (``tailforge.train.clip``) embeds with the same CLIP code under the
+same key, so training it after filtering with CLIP (or the other way round) embeds nothing twice.
 
 - ``classifier``: penultimate features of a classifier trained on the run's real training split
   (``tailforge.train.load_model`` + ``tailforge.train.embed``); always available offline once ``tailforge train`` ran.
 - ``clip``: a transformers ``CLIPVisionModelWithProjection`` (image embeddings after the
-  projection) from a local folder, or a hub id when online.
+  projection) from a local folder, or a hub id when online (``tailforge.train.clip.ClipImages``).
 - ``timm``: any timm backbone (``num_classes=0``: pooled features) with local weights: a folder
   holding ``config.json`` (``architecture``) and ``model.safetensors``/``pytorch_model.bin``, or a
   weights file plus ``embedder_arch``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from tailforge.data.atomic import atomic_path
 from tailforge.data.errors import TailforgeError, unknown_name
 from tailforge.data.run import RunDir
+from tailforge.train.features import cache_dir, embed_cached, file_key, fit_input, uri_hash  # noqa: F401 - the face
 
 from .index import l2_normalize
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "model.pth")
 
 
@@ -44,27 +43,12 @@ def pick_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def file_key(path: Path) -> str:
-    """Identity of weights on disk: path, size and mtime of every file (cheap, no hashing)."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    parts = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
-
-
 def to_tensor(images: np.ndarray, size: tuple[int, int], mean, std, device: str):
     """uint8 NHWC (1 or 3 channels) -> normalised float NCHW with 3 channels at ``size`` (h, w)."""
     import torch
-    import torch.nn.functional as F
 
     x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device).permute(0, 3, 1, 2).float().div_(255)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return (x - m) / s
+    return fit_input(x, size, mean, std)
 
 
 class Embedder:
@@ -160,7 +144,7 @@ def _missing(path: str | None, what: str, option: str) -> TailforgeError:
 
 
 class ClipEmbedder(Embedder):
-    """CLIP image encoder + projection (transformers), from a local folder or a hub id."""
+    """CLIP image encoder + projection (transformers), from a local folder or a hub id (``ClipImages``)."""
 
     name = "clip"
 
@@ -174,38 +158,18 @@ class ClipEmbedder(Embedder):
         if not self.local and (self.path.startswith((".", "/", "~")) or self.path.count("/") != 1):
             raise _missing(self.path, "clip", "--embedder-path")
         self.image_size = image_size
-        self._model = None
+        from tailforge.train.clip import ClipImages  # torch and transformers load on first use
+
+        self.images = ClipImages(self.path, batch_size, None, image_size)
 
     @property
     def key(self) -> str:
-        ident = file_key(Path(self.path)) if self.local else hashlib.sha1(self.path.encode()).hexdigest()[:16]
-        return f"clip-{ident}-{self.image_size}"
+        return self.images.key
 
-    def _load(self):
-        if self._model is None:
-            from transformers import CLIPVisionModelWithProjection
-
-            try:
-                model = CLIPVisionModelWithProjection.from_pretrained(self.path, local_files_only=self.local)
-            except OSError as exc:
-                raise TailforgeError(f"cannot load a CLIP vision model from {self.path!r} ({str(exc)[:120]})",
-                                     "pass a folder saved with save_pretrained, or a hub id when online") from None
-            self.dev = pick_device(self.device)
-            self._model = model.eval().to(self.dev)
-            mean, std = CLIP_MEAN, CLIP_STD
-            pre = Path(self.path) / "preprocessor_config.json"
-            if pre.is_file():
-                conf = json.loads(pre.read_text())
-                mean, std = conf.get("image_mean", mean), conf.get("image_std", std)
-            self.mean, self.std = mean, std
-            size = self.image_size or model.config.image_size
-            self.size = (size, size)
-        return self._model
-
-    def _embed_batch(self, images: np.ndarray) -> np.ndarray:
-        model = self._load()
-        x = to_tensor(images, self.size, self.mean, self.std, self.dev)
-        return model(pixel_values=x).image_embeds.float().cpu().numpy()
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        if self.images.device is None:
+            self.images.device = pick_device(self.device)
+        return self.images.embed(images)
 
 
 class TimmEmbedder(Embedder):
@@ -294,56 +258,6 @@ def make_embedder(run: RunDir, cfg) -> Embedder:
     if cfg.embedder not in EMBEDDERS:
         raise unknown_name("embedder", cfg.embedder, EMBEDDERS)
     return EMBEDDERS[cfg.embedder](run, cfg)
-
-
-def uri_hash(uris, run: RunDir | None = None) -> str:
-    """Hash of a uri list and, with ``run``, of the size and mtime of every file they name.
-
-    A regenerated image or feature shard under the same name therefore gets a new hash.
-    """
-    h = hashlib.sha1()
-    files = set()
-    for u in uris:
-        h.update(str(u).encode())
-        h.update(b"\0")
-        files.add(str(u).partition("#")[0])
-    if run is not None:
-        for f in sorted(files):
-            p, _ = run.resolve(f)
-            st = p.stat() if p.exists() else None
-            h.update(f"{f}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}".encode())
-    return h.hexdigest()[:16]
-
-
-def embed_cached(embedder: Embedder, uris: list[str], run: RunDir, load: Callable[[list[str]], np.ndarray],
-                 *, chunk: int = 4096, use_cache: bool = True,
-                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Embeddings of ``uris`` (loaded ``chunk`` at a time by ``load``), cached under ``filter/cache``.
-
-    The cache file is named by the embedder's key and a hash of the uri list, so new weights or
-    new candidates never reuse stale vectors.
-    """
-    path = run.root / "filter" / "cache" / f"{embedder.key}-{uri_hash(uris, run)}.npy"
-    if use_cache and path.is_file():
-        arr = np.load(path)
-        if len(arr) == len(uris):
-            if progress:
-                progress(len(uris), len(uris))
-            return arr
-    parts = []
-    for s in range(0, len(uris), chunk):
-        parts.append(embedder.embed(load(uris[s:s + chunk])))
-        if progress:
-            progress(min(s + chunk, len(uris)), len(uris))
-    arr = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    if use_cache:
-        with atomic_path(path) as tmp:
-            np.save(tmp, arr)
-    return arr
-
-
-def cache_dir(run: RunDir) -> Path:
-    return run.root / "filter" / "cache"
 
 
 __all__ = ["EMBEDDERS", "Embedder", "ClassifierEmbedder", "ClipEmbedder", "TimmEmbedder", "make_embedder",
