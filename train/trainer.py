@@ -580,7 +580,7 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
                    "val_top1": round(float((vpred == val_y).mean()), 6), "images_per_s": round(seen / train_s, 1),
                    "time_s": round(train_s, 3)}
             if transfer:
-                rec.update(phase=1 if frozen else 2, backbone_lr=sched.get_last_lr()[0])
+                rec.update(phase=1 if frozen else 2, backbone_lr=0.0 if frozen else sched.get_last_lr()[0])
             state["log"].append(rec)
             if rec["val_balanced_acc"] > state["best"]["val_balanced_acc"]:
                 state["best"] = {"epoch": epoch + 1, "val_balanced_acc": rec["val_balanced_acc"],
