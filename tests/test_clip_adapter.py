@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import string
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,21 +24,17 @@ ADAPTER = dict(model="clip-adapter", loss="balanced_softmax", epochs=15, batch_s
 
 
 def tiny_clip(folder: Path, seed: int = 0, dim: int = 16) -> Path:
-    """A random CLIP (2-layer towers, 32 px, 16-d projection) and a character-level BPE tokenizer (no merges),
-    written the way a downloaded checkpoint is: config.json + model.safetensors + tokenizer files."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    """A random CLIP (2-layer towers, 32 px, 16-d projection) with the character-level BPE tokenizer of the tiny
+    Stable Diffusion pipeline, written the way a downloaded checkpoint is: config.json + model.safetensors +
+    tokenizer files."""
+    from transformers import CLIPConfig, CLIPModel
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in sorted(set(string.printable) - set(string.whitespace) - set(string.ascii_uppercase)):
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(d) / "merges.txt").write_text("#version: 0.2\n")
-        tok = CLIPTokenizer(str(Path(d) / "vocab.json"), str(Path(d) / "merges.txt"), pad_token="<|endoftext|>")
+    from tailforge.gen.sd_build import make_tokenizer
+
+    tok = make_tokenizer(32)  # ids: <|startoftext|> 0, <|endoftext|> 1, pad "!" 2
     conf = CLIPConfig(
-        text_config=dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=64,
-                         num_attention_heads=2, num_hidden_layers=2, vocab_size=len(vocab), max_position_embeddings=32,
+        text_config=dict(bos_token_id=0, eos_token_id=1, pad_token_id=2, hidden_size=32, intermediate_size=64,
+                         num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok), max_position_embeddings=32,
                          projection_dim=dim),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
                            image_size=32, patch_size=8, projection_dim=dim),

@@ -160,7 +160,9 @@ def create_model(arch: str, num_classes: int, in_chans: int, image_size: int, *,
     return Classifier(body, int(body.num_features), num_classes, size, head=head, scale=scale)
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch file (tensors only; a nested ``state_dict``/``model``)."""
+    path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -207,7 +209,7 @@ def load_pretrained(model: Classifier, path: Path) -> dict:
     A first conv with 3 input channels is summed to 1 channel for grey images (timm's rule).
     Returns counts of loaded / skipped tensors; no tensor loaded is an error.
     """
-    sd = _read_weights(find_weights(path))
+    sd = read_weights(find_weights(path))
     own = model.backbone.state_dict()
     take, skipped = {}, []
     for k, v in sd.items():

@@ -17,7 +17,6 @@ same key, so training it after filtering with CLIP (or the other way round) embe
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -192,11 +191,11 @@ class TimmEmbedder(Embedder):
         return f"timm-{self.arch}-{file_key(self.path)}-{self.image_size}"
 
     def _weights_and_arch(self) -> tuple[Path, str]:
+        from tailforge.train.models import pretrained_arch
+
         arch, weights = self.arch, self.path
         if self.path.is_dir():
-            conf = self.path / "config.json"
-            if conf.is_file() and not arch:
-                arch = json.loads(conf.read_text()).get("architecture")
+            arch = arch or pretrained_arch(self.path)
             found = [self.path / n for n in WEIGHT_NAMES if (self.path / n).is_file()]
             if not found:
                 raise TailforgeError(f"timm embedder folder {self.path} holds no weights ({', '.join(WEIGHT_NAMES)})",
@@ -210,19 +209,14 @@ class TimmEmbedder(Embedder):
     def _load(self):
         if self._model is None:
             import timm
-            import torch
+
+            from tailforge.train.models import read_weights
 
             weights, arch = self._weights_and_arch()
             if arch not in timm.list_models():
                 raise unknown_name("timm architecture", arch, timm.list_models())
             model = timm.create_model(arch, pretrained=False, num_classes=0)
-            if weights.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(weights))
-            else:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-                state = state.get("state_dict", state) if isinstance(state, dict) else state
+            state = read_weights(weights)
             own = model.state_dict()
             usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
             missing = [k for k in own if k not in usable]
