@@ -246,3 +246,43 @@ def test_missing_weights_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(TailforgeError, match="not a full CLIP model"):
         clipmod.check_folder(tmp_path / "empty")
     assert clipmod.check_folder(tmp_path / "empty", text=False) == tmp_path / "empty"  # the filter's tower only
+
+
+def test_class_balanced_adapter_beats_plain_ce_on_fashion_mnist_lt(fashion_available, clip_dir, tmp_path):
+    """Fashion-MNIST-LT (IF = 100, 14,886 train images): the long-tail toolbox applies to the adapter. With the
+    tiny random CLIP the zero-shot head is at chance, and the class-balanced adapter is far above plain CE on val
+    (measured: balanced softmax 0.52, CE 0.39)."""
+    from tailforge.data import DataConfig, build_manifest, measure_run
+
+    run = RunDir(tmp_path / "fmnist-lt")
+    build_manifest(DataConfig(dataset="fashion-mnist", imbalance=100, seed=0), run)
+    measure_run(run)
+    best = {}
+    for loss in ("ce", "balanced_softmax"):
+        cfg = train.TrainConfig(**{**ADAPTER, "loss": loss, "batch_size": 128}, pretrained=clip_dir)
+        best[loss] = json.loads((train.fit(run, cfg, loss) / "best.json").read_text())
+    assert best["ce"]["zero_shot_val_balanced_acc"] < 0.2  # random text tower: chance is 0.1
+    assert best["balanced_softmax"]["adapter_val_balanced_acc"] > best["ce"]["adapter_val_balanced_acc"] + 0.05
+
+
+@pytest.mark.slow
+def test_benchmark_flow_with_a_clip_adapter_baseline(clip_dir, tmp_path):
+    """`tailforge run` with train.model clip_adapter: the baseline is the adapter, featcov samples its feature
+    space, the recipe re-trains its head (cRT) on cached features; every arm is evaluated (~25 s, a Prefect
+    server starts)."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "digits-clip"
+    cmd = [sys.executable, "-m", "tailforge.flows.cli", "run", "--run", str(run), "--set", "train.model=clip_adapter",
+           "--set", f"train.pretrained={clip_dir}", "--set", "train.loss=balanced_softmax", "--set", "train.epochs=10",
+           "--set", "evaluate.plots=false"]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    for name in ("baseline", "real-only", "rebalanced"):
+        conf = json.loads((run / "models" / name / "config.json").read_text())
+        assert conf["meta"]["arch"] == "clip_adapter" and "blend" in conf["meta"]["clip"]
+        assert json.loads((run / "eval" / f"{name}-test.json").read_text())["balanced_acc"] > 0.2
+    assert (run / "eval" / "report.md").is_file()
