@@ -97,7 +97,8 @@ def test_adapter_trains_on_cached_features_saves_the_blend_and_loads_for_eval(ad
     from tailforge.eval import evaluate
 
     out = evaluate(run, "clip", "test")
-    assert out["train"]["model"] == "clip_adapter" and 0.2 < out["balanced_acc"] <= 1
+    assert out["train"]["model"] == "clip_adapter" and out["train"]["pretrained"] == str(clip_dir)
+    assert out["selected_on"]["blend"] == best["blend"] and 0.2 < out["balanced_acc"] <= 1
 
 
 def test_zero_shot_head_is_clips_own_image_text_similarity(adapted, clip_dir):
