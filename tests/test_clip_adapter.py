@@ -161,6 +161,12 @@ def test_feature_cache_is_reused_and_shared_with_the_clip_filter(adapted, clip_d
     after = sorted(cache_dir(run).glob("clip*"))
     assert len(after) == 4  # + the candidates; the real train vectors were read, not recomputed
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    # synthetic images join the adapter's training set (here every candidate: the filter's candidate vectors)
+    path = train.fit(run, cfg.model_copy(update={"synthetic": "candidates"}), "clip-syn")
+    meta = json.loads((path / "config.json").read_text())["meta"]
+    real9 = int(((real["split"] == "train") & (real["source"] == "real") & (real["label"] == 9)).sum())
+    assert meta["n_synthetic_images"] == 8 and meta["train_counts"][9] == real9 + 8
+    assert len(list(cache_dir(run).glob("clip*"))) == 4  # the same uri list as the filter's: its file
 
 
 def test_crt_on_a_clip_adapter_base_uses_the_cache_and_chooses_its_own_blend(adapted, monkeypatch):

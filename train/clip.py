@@ -288,8 +288,9 @@ class ClipAdapter(nn.Module):
 
     def zero_shot(self, f: torch.Tensor) -> torch.Tensor:
         """Stage 1 on the head's features: logit_scale * cos(unit embedding, class text embedding)."""
-        unit = f.float() * self.spread + self.center
-        return self.logit_scale * F.normalize(unit, dim=1) @ self.text.T
+        with torch.autocast(f.device.type, enabled=False):  # float32: CLIP's logit scale (100) magnifies bf16 error
+            unit = f.float() * self.spread + self.center
+            return self.logit_scale * F.normalize(unit, dim=1) @ self.text.T
 
     def mix(self, f: torch.Tensor, blend) -> torch.Tensor:
         return (1 - blend) * self.zero_shot(f).log_softmax(1) + blend * self.head(f).float().log_softmax(1)
