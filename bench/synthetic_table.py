@@ -1,8 +1,11 @@
 """Does synthetic data beat the best real-only recipe? The table of issue 12, over seeds and imbalance factors.
 
-For every (imbalance factor, seed) and every generator, one ``tailforge run`` of the benchmark flow
-with a recipe (default ``flows/recipes/small-images.yaml``) gives the three arms ``baseline``,
-``real-only`` and ``rebalanced``. In the first generator's run folder (the winner's) the bench adds:
+For every (imbalance factor, seed), one ``tailforge run`` of the benchmark flow with a recipe (default
+``flows/recipes/small-images.yaml``) and the first generator (the winner) gives the three arms
+``baseline``, ``real-only`` and ``rebalanced``. Every further generator runs in a linked copy of that
+run folder (the same split, baseline backbone, plan and recipe; its own candidates, filter and
+``rebalanced`` model, made with the stage CLIs), so generators differ in nothing but the generator.
+In the winner's run folder the bench adds:
 
 - ``balanced_softmax`` and ``ldam_drw``: full training with those losses on real data (the loss table);
 - ``crt-bs``: cRT with balanced softmax and instance sampling on real features (the other classic cRT);
@@ -13,7 +16,8 @@ with a recipe (default ``flows/recipes/small-images.yaml``) gives the three arms
 Every model is evaluated on VAL and TEST. Settings were chosen on VAL (bench/feature_study.py); the
 TEST columns are the reported result. Output: ``<out>.json`` and ``<out>.md``.
 
-    nice python bench/synthetic_table.py --imbalance 100 10 --seeds 0 1 2 --epochs 4
+    nice python bench/synthetic_table.py --imbalance 100 10 --seeds 0 1 2 --epochs 4 \\
+        --generators featcov featdict fdiff
 """
 from __future__ import annotations
 
@@ -98,6 +102,30 @@ def extra_arms(run_dir: Path, seed: int, log: Path, loss_arms: bool = True) -> l
     return out
 
 
+def other_generator(first: Path, rd: Path, generator: str, log: Path) -> None:
+    """``generator`` in a linked copy of the first generator's run folder: the same split, baseline backbone,
+    plan and recipe; its own candidates, filter and ``rebalanced`` model (stage CLIs, then the recipe's fit)."""
+    from tailforge.data import RunDir
+    from tailforge.flows.config import load_config
+    from tailforge.train import fit
+
+    linked_copy(first, rd, own=("candidates.parquet", "filtered.parquet", "synthetic", "filter"))
+    cfg = load_config(first / "config.yaml")
+    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"generator": generator})})
+    (rd / "config.yaml").write_text((first / "config.yaml").read_text().replace(
+        f"generator: {load_config(first / 'config.yaml').generate.generator}", f"generator: {generator}", 1))
+    if load_config(rd / "config.yaml").generate.generator != generator:
+        raise SystemExit(f"could not set generate.generator={generator} in {rd / 'config.yaml'}")
+    sh(["tailforge", "generate", "--run", str(rd), "--config", str(rd / "config.yaml")], log)
+    sh(["tailforge", "filter", "--run", str(rd), "--config", str(rd / "config.yaml")], log)
+    run = RunDir(rd)
+    if not (run.model_dir("rebalanced") / "model.safetensors").exists():
+        t0 = time.time()
+        fit(run, cfg.rebalanced_train(), "rebalanced")
+        with open(log, "a") as f:
+            f.write(f"trained rebalanced in {rd} ({time.time() - t0:.0f} s)\n")
+
+
 def evaluate_all(pairs, splits=("val", "test")) -> dict:
     from tailforge.data import RunDir, read_json
     from tailforge.eval import evaluate
@@ -163,10 +191,14 @@ def main(argv=None):
                 sets += [f"train.epochs={a.epochs}"] if a.epochs else []
                 sets += a.set
                 t0 = time.time()
-                sh(["tailforge", "run", "--config", a.config, "--run", str(rd)]
-                   + [x for s in sets for x in ("--set", s)], log)
+                if gi == 0:
+                    sh(["tailforge", "run", "--config", a.config, "--run", str(rd)]
+                       + [x for s in sets for x in ("--set", s)], log)
+                    first = rd
+                else:  # the same baseline backbone, only the generator differs
+                    other_generator(first, rd, g, log)
                 run_s = time.time() - t0
-                pairs = [(rd, "baseline"), (rd, "real-only"), (rd, "rebalanced")]
+                pairs = [(rd, "baseline"), (rd, "real-only"), (rd, "rebalanced")] if gi == 0 else [(rd, "rebalanced")]
                 if gi == 0 and not a.no_extras:
                     pairs += extra_arms(rd, seed, log, loss_arms=not a.no_loss_arms)
                 ev = evaluate_all(pairs)
@@ -232,11 +264,15 @@ def render(results: dict, a, wall: float) -> list[str]:
             for lab in results[k]:
                 if not lab.startswith("_") and lab not in labels:
                     labels.append(lab)
-        labels.sort(key=lambda x: (ORDER.index(x) if x in ORDER else len(ORDER), x))
+        first_seen = list(labels)
+        labels.sort(key=lambda x: (ORDER.index(x) if x in ORDER else len(ORDER), first_seen.index(x)))
+        has_few = any(results[k][lab]["test"].get("few") is not None for k in keys for lab in labels
+                      if lab in results[k])
         ref = {k: results[k]["real-only"]["test"]["balanced_acc"] for k in keys if "real-only" in results[k]}
         lines += [f"## IF = {imb:g} ({len(keys)} seeds)", "",
-                  "| arm | val bal. acc | test bal. acc | Δ test vs real-only | test rare3 | test few |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| arm | val bal. acc | test bal. acc | Δ test vs real-only | test rare3 |"
+                  + (" test few |" if has_few else ""),
+                  "|---|---:|---:|---:|---:|" + ("---:|" if has_few else "")]
         for lab in labels:
             vals = {s: [results[k][lab][s][m] for k in keys if lab in results[k]]
                     for s, m in (("val", "balanced_acc"), ("test", "balanced_acc"))}
@@ -251,7 +287,8 @@ def render(results: dict, a, wall: float) -> list[str]:
 
             dd = 100 * np.asarray(d)
             dtxt = "–" if not len(dd) else f"{dd.mean():+.1f}" + (f" ({dd.min():+.1f} … {dd.max():+.1f})" if len(dd) > 1 else "")
-            lines.append(f"| {lab} | {ms(vals['val'])} | {ms(vals['test'])} | {dtxt} | {ms(r3)} | {ms(few)} |")
+            lines.append(f"| {lab} | {ms(vals['val'])} | {ms(vals['test'])} | {dtxt} | {ms(r3)} |"
+                         + (f" {ms(few)} |" if has_few else ""))
         lines.append("")
     return lines
 
