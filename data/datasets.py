@@ -222,7 +222,13 @@ def load_cifar100(cfg: DataConfig) -> RawDataset:
 
 
 # --------------------------------------------------------------------------- folders
-def _scan_classes(folder: Path, skip_bad: bool, skipped: list[str], verify: bool = True) -> dict[str, list[str]]:
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def _scan_classes(folder: Path, skip_bad: bool, skipped: list[str], verify: bool = True,
+                  modes: set[str] | None = None) -> dict[str, list[str]]:
+    """``{class: [files]}`` of ``folder/<class>/``; with ``verify`` every image is decoded (and its PIL mode
+    added to ``modes``)."""
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise TailforgeError(f"{folder} has no class sub-folders", "lay images out as ROOT/<class>/<image>")
@@ -242,7 +248,9 @@ def _scan_classes(folder: Path, skip_bad: bool, skipped: list[str], verify: bool
                 )
             if verify:
                 try:
-                    open_image(p)
+                    im = open_image(p)
+                    if modes is not None:
+                        modes.add(im.mode)
                 except TailforgeError as err:
                     if not skip_bad:
                         raise
@@ -266,12 +274,17 @@ def _files_split(per_class: dict[str, list[str]], names: list[str]) -> RawSplit:
 
 @register("imagefolder")
 def load_imagefolder(cfg: DataConfig) -> RawDataset:
-    """Any ``root/<class>/<image>`` tree (Caltech-101/256, Stanford Cars style); split 70/15/15."""
+    """Any ``root/<class>/<image>`` tree (Caltech-101/256, Stanford Cars style); split 70/15/15.
+
+    One channel when every image is grey (MNIST-like folders), else RGB (grey images among colour ones
+    are converted)."""
     root = _need_root(cfg)
     skipped: list[str] = []
-    per_class = _scan_classes(root, cfg.skip_bad, skipped)
+    modes: set[str] = set()
+    per_class = _scan_classes(root, cfg.skip_bad, skipped, modes=modes)
     names = sorted(per_class)
-    return RawDataset("imagefolder", names, {"all": _files_split(per_class, names)}, channels=3,
+    channels = 1 if modes and modes <= GREY_MODES else 3
+    return RawDataset("imagefolder", names, {"all": _files_split(per_class, names)}, channels=channels,
                       image_size=None, root=str(root.resolve()), skipped=skipped)
 
 

@@ -155,6 +155,22 @@ def test_imagefolder_split_and_corrupt_file(tmp_path):
     assert img.shape == (2, 64, 64, 3)
 
 
+def test_imagefolder_channels_follow_the_images(tmp_path):
+    from PIL import Image
+
+    from tailforge.data.datasets import load_dataset
+
+    root = tmp_path / "grey"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / c / f"{i}.png")
+    assert load_dataset(DataConfig(dataset="imagefolder", root=root)).channels == 1  # MNIST-like: one channel
+    Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / "b" / "rgb.png")
+    assert load_dataset(DataConfig(dataset="imagefolder", root=root)).channels == 3  # any colour image: RGB
+
+
 def test_mini_imagenet_layout(tmp_path):
     root = tmp_path / "mini"
     for split, n in (("train", 30), ("val", 4), ("test", 5)):
