@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,7 +108,8 @@ def test_cli_two_phase_recipe_from_a_timm_folder_and_clear_errors(digits_run_cop
     folder = tmp_path / ARCH  # timm's hub layout: config.json (architecture) + model.safetensors
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(weights.read_bytes())
-    (folder / "config.json").write_text(json.dumps({"architecture": ARCH, "num_classes": 0}))
+    (folder / "config.json").write_text(json.dumps({"architecture": ARCH, "num_classes": 0, "pretrained_cfg": {
+        "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.4]}}))
     run = str(digits_run_copy.root)
     args = ["train", "--run", run, "--model", ARCH, "--pretrained", str(folder), "--input-size", "32", "--epochs", "2",
             "--batch-size", "64", "--no-hflip", "--device", "cpu", "--sampler", "class_balanced", "--loss",
@@ -116,6 +118,9 @@ def test_cli_two_phase_recipe_from_a_timm_folder_and_clear_errors(digits_run_cop
     name = f"{ARCH}-logit_adjust-class_balanced-s0"
     log = [json.loads(x) for x in (digits_run_copy.model_dir(name) / "log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in log] == [1, 2]
+    # inputs are normalised as the weights were pretrained (the folder's pretrained_cfg; grey: channel mean)
+    meta = json.loads((digits_run_copy.model_dir(name) / "config.json").read_text())["meta"]
+    assert np.allclose(meta["mean"], [0.4]) and np.allclose(meta["std"], [0.3])
     assert main(["eval", "--run", run, "--model-name", name, "--no-plots"]) == 0
     capsys.readouterr()
 

@@ -190,6 +190,31 @@ def find_weights(path: Path) -> Path:
     return path
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pretrained_norm(path: Path, chans: int) -> tuple[list[float], list[float]]:
+    """The input mean/std the pretrained weights at ``path`` were trained with: ``pretrained_cfg`` (or top-level
+    ``mean``/``std``) of the ``config.json`` in the weights' folder (timm's hub layout), else ImageNet's. For grey
+    inputs (an RGB stem summed to one channel) the channel averages."""
+    import json
+
+    path = Path(path)
+    conf = (path if path.is_dir() else path.parent) / "config.json"
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    try:
+        c = json.loads(conf.read_text()) if conf.is_file() else {}
+        src = c.get("pretrained_cfg", c) if isinstance(c, dict) else {}
+        if len(src.get("mean") or ()) == 3 and len(src.get("std") or ()) == 3:
+            mean, std = tuple(map(float, src["mean"])), tuple(map(float, src["std"]))
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    if chans == 1:
+        return [round(sum(mean) / 3, 6)], [round(sum(std) / 3, 6)]
+    return [round(m, 6) for m in mean][:chans], [round(s, 6) for s in std][:chans]
+
+
 def pretrained_arch(path: Path) -> str | None:
     """The architecture a timm weights folder names in its ``config.json`` (``architecture``), if any."""
     conf = Path(path) / "config.json"

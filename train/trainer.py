@@ -36,7 +36,7 @@ from .clip import ClipAdapter, adapter_for_run, base_features, check_folder
 from .config import CLIP_ADAPTER, TrainConfig
 from .losses import LOSSES, build_loss, kd_loss, supcon
 from .models import MODELS, TIMM_MODELS, create_model, find_weights, load_pretrained, make_head, param_groups, \
-    pretrained_arch
+    pretrained_arch, pretrained_norm
 from .samplers import SAMPLERS, epoch_indices, shard_indices
 
 STATE = "state.pt"
@@ -297,6 +297,7 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
         model = create_model(cfg.model, nc, chans, max(size), width=cfg.width, head=loss_head, scale=cfg.scale,
                              input_size=cfg.input_size)
         if cfg.pretrained is not None:
+            mean, std = pretrained_norm(cfg.pretrained, chans)  # the inputs the weights were trained on
             meta_extra["pretrained"] = {"path": str(cfg.pretrained), **load_pretrained(model, cfg.pretrained)}
             if meta_extra["pretrained"]["missing"]:
                 log.warning("pretrained %s: %d of the backbone's tensors have no match there and keep their random "
