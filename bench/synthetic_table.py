@@ -248,9 +248,19 @@ def readme(paths: list[str], readme_path: Path = ROOT / "README.md") -> None:
     write_text(readme_path, text[:i] + "\n" + "\n".join(lines).rstrip() + "\n" + text[j:])
 
 
+def recipe_epochs(config: str) -> str:
+    """train.epochs of a recipe file, for the table's header."""
+    import yaml
+
+    try:
+        return f"{yaml.safe_load(Path(config).read_text())['train']['epochs']} (the recipe's)"
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "as in the recipe"
+
+
 def render(results: dict, a, wall: float) -> list[str]:
     lines = [f"# Synthetic data vs the best real-only recipe: {a.dataset}-LT", "",
-             f"Recipe `{Path(a.config).name}`" + (f", baseline epochs {a.epochs}" if a.epochs else "")
+             f"Recipe `{Path(a.config).name}`" + f", baseline epochs {a.epochs or recipe_epochs(a.config)}"
              + f"; generators {', '.join(a.generators)}; seeds {', '.join(map(str, a.seeds))}. "
              "Balanced accuracy in %, mean ± std over seeds; `rare3` = mean accuracy of the three classes with "
              "the fewest real train images. Settings were chosen on VAL; TEST is the reported result. "
