@@ -197,6 +197,13 @@ def quotas(counts, target="balance", overgen=1.0):
     return need, np.ceil(need * overgen).astype(int)
 
 
+def unit_and_nearest_real(cand, real):
+    """Unit-normalised candidates and each one's cosine similarity to its nearest real feature."""
+    z = cand / (np.linalg.norm(cand, axis=1, keepdims=True) + 1e-12)
+    r = real / (np.linalg.norm(real, axis=1, keepdims=True) + 1e-12)
+    return z, (z @ r.T).max(1)
+
+
 def run_arm(feats, nc, arm, seed):
     """One arm -> metrics on val (and test). ``arm``: dict of knobs."""
     xtr, ytr = feats["train"]
@@ -245,10 +252,8 @@ def run_arm(feats, nc, arm, seed):
                 idx = np.flatnonzero(cy == c)
                 if need[c] <= 0 or not len(idx):
                     continue
-                z = cx[idx] / (np.linalg.norm(cx[idx], axis=1, keepdims=True) + 1e-12)
-                r = xtr[ytr == c]
-                r = r / (np.linalg.norm(r, axis=1, keepdims=True) + 1e-12)
-                d = 1 - (z @ r.T).max(1)
+                z, sim = unit_and_nearest_real(cx[idx], xtr[ytr == c])
+                d = 1 - sim
                 chosen = []
                 for _ in range(min(need[c], len(idx))):
                     j = int(np.argmax(d))
@@ -263,10 +268,7 @@ def run_arm(feats, nc, arm, seed):
                 idx = np.flatnonzero(cy == c)
                 if need[c] <= 0 or not len(idx):
                     continue
-                z = cx[idx] / (np.linalg.norm(cx[idx], axis=1, keepdims=True) + 1e-12)
-                r = xtr[ytr == c]
-                r = r / (np.linalg.norm(r, axis=1, keepdims=True) + 1e-12)
-                sim = (z @ r.T).max(1)
+                _, sim = unit_and_nearest_real(cx[idx], xtr[ytr == c])
                 order = np.argsort(sim if sel == "novel" else -sim, kind="stable")
                 keep[idx[order[:need[c]]]] = True
             cx, cy = cx[keep], cy[keep]

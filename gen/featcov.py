@@ -45,14 +45,7 @@ class FeatureCovOversampler(FeatureOversampler):
         self.random_state = random_state
 
     def fit(self, X, y) -> "FeatureCovOversampler":
-        X = np.asarray(X, dtype=np.float64)
-        y = np.asarray(y)
-        if X.ndim != 2 or len(X) != len(y):
-            raise TailforgeError(f"features must be an N x D array with one label each, got {X.shape} and {y.shape}",
-                                 "pass X (N, D) and y (N,)")
-        self.classes_, self.counts_ = np.unique(y, return_counts=True)
-        self.X_ = {c: X[y == c].astype(np.float32) for c in self.classes_}
-        self.nonneg_ = bool(X.min() >= 0)
+        X, y = self._fit_classes(X, y, np.float64)
         self.mean_ = {c: X[y == c].mean(0) for c in self.classes_}
         head = [c for c, n in zip(self.classes_, self.counts_) if n >= np.median(self.counts_) and n >= 3]
         if not head:

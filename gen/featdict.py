@@ -44,6 +44,19 @@ class FeatureOversampler:
     sampling_strategy = "auto"
     random_state = None
 
+    def _fit_classes(self, X, y, dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Check ``X`` (N, D) and ``y`` (N,); set ``classes_``, ``counts_``, the float32 features per class ``X_``
+        and ``nonneg_`` (post-ReLU features stay non-negative); returns ``X`` as ``dtype`` and ``y``."""
+        X = np.asarray(X, dtype=dtype)
+        y = np.asarray(y)
+        if X.ndim != 2 or len(X) != len(y):
+            raise TailforgeError(f"features must be an N x D array with one label each, got {X.shape} and {y.shape}",
+                                 "pass X (N, D) and y (N,)")
+        self.classes_, self.counts_ = np.unique(y, return_counts=True)
+        self.X_ = {c: X[y == c].astype(np.float32, copy=False) for c in self.classes_}
+        self.nonneg_ = bool(X.min() >= 0)
+        return X, y
+
     def sampling_targets(self) -> dict:
         """label -> number of samples to ADD."""
         return sampling_targets(self.sampling_strategy, dict(zip(self.classes_.tolist(), self.counts_.tolist())))
@@ -79,14 +92,7 @@ class FeatureDictOversampler(FeatureOversampler):
     def fit(self, X, y) -> "FeatureDictOversampler":
         from sklearn.cluster import KMeans
 
-        X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y)
-        if X.ndim != 2 or len(X) != len(y):
-            raise TailforgeError(f"features must be an N x D array with one label each, got {X.shape} and {y.shape}",
-                                 "pass X (N, D) and y (N,)")
-        self.classes_, self.counts_ = np.unique(y, return_counts=True)
-        self.X_ = {c: X[y == c] for c in self.classes_}
-        self.nonneg_ = bool(X.min() >= 0)
+        X, y = self._fit_classes(X, y, np.float32)
         self.atoms_, self.mean_, spread = {}, {}, {}
         for c, xc in self.X_.items():
             self.mean_[c] = xc.mean(0)

@@ -492,7 +492,7 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
     if cfg.epoch_samples == "balanced":  # the same budget with or without synthetic samples
         n_epoch = len(counts) * int(meta["real_class_max"])
     steps = max(1, n_epoch // (bs * dd.world))  # drop the last partial batch (BatchNorm needs > 1 sample)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps, len(opt.param_groups), transfer))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps, opt.param_groups, transfer))
     ema = EMA(net, cfg.ema) if cfg.ema > 0 else None
     state = {"epoch": 0, "best": {"epoch": -1, "val_balanced_acc": -1.0}, "log": [], "best_weights": None}
     start = 0
@@ -613,20 +613,21 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
 
 def _optimizer(cfg: TrainConfig, net: nn.Module, backbone: nn.Module | None = None):
     """SGD or AdamW over ``net``; with ``backbone`` (two-phase transfer) its parameters form their own groups at
-    lr x ``transfer.backbone_lr_mult`` (first two groups), the rest of ``net`` (the head) at lr."""
+    lr x ``transfer.backbone_lr_mult`` (marked ``"backbone": True``), the rest of ``net`` (the head) at lr."""
     if backbone is None:
         groups = param_groups(net, cfg.weight_decay)
     else:
         own = {id(p) for p in backbone.parameters()}
         rest = [p for p in net.parameters() if id(p) not in own]
-        groups = [{**g, "lr": cfg.lr * cfg.transfer.backbone_lr_mult} for g in param_groups(backbone, cfg.weight_decay)]
+        groups = [{**g, "lr": cfg.lr * cfg.transfer.backbone_lr_mult, "backbone": True}
+                  for g in param_groups(backbone, cfg.weight_decay)]
         groups += [{**g, "lr": cfg.lr} for g in param_groups(rest, cfg.weight_decay)]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
 
 
-def _schedule(cfg: TrainConfig, steps: int, n_groups: int, transfer: bool):
+def _schedule(cfg: TrainConfig, steps: int, groups: list[dict], transfer: bool):
     """LR factor(s) per step: linear warm-up then cosine over all epochs. Two-phase transfer: the head warms up
     and decays over phase 1, then again over phase 2; the backbone is at 0 in phase 1 and follows phase 2."""
     warm = int(round(cfg.warmup * steps))
@@ -641,7 +642,7 @@ def _schedule(cfg: TrainConfig, steps: int, n_groups: int, transfer: bool):
     def backbone(step: int) -> float:
         return 0.0 if step < p1_end else p2(step - p1_end)
 
-    return [backbone, backbone] + [head] * (n_groups - 2)
+    return [backbone if g.get("backbone") else head for g in groups]
 
 
 def _save_state(work: Path, ident: dict, net, opt, sched, ema, state: dict) -> None:
