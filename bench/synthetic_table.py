@@ -106,16 +106,12 @@ def other_generator(first: Path, rd: Path, generator: str, log: Path) -> None:
     """``generator`` in a linked copy of the first generator's run folder: the same split, baseline backbone,
     plan and recipe; its own candidates, filter and ``rebalanced`` model (stage CLIs, then the recipe's fit)."""
     from tailforge.data import RunDir
-    from tailforge.flows.config import load_config
+    from tailforge.flows.config import load_config, write_config
     from tailforge.train import fit
 
     linked_copy(first, rd, own=("candidates.parquet", "filtered.parquet", "synthetic", "filter"))
-    cfg = load_config(first / "config.yaml")
-    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"generator": generator})})
-    (rd / "config.yaml").write_text((first / "config.yaml").read_text().replace(
-        f"generator: {load_config(first / 'config.yaml').generate.generator}", f"generator: {generator}", 1))
-    if load_config(rd / "config.yaml").generate.generator != generator:
-        raise SystemExit(f"could not set generate.generator={generator} in {rd / 'config.yaml'}")
+    cfg = load_config(first / "config.yaml", {"run": str(rd), "generate": {"generator": generator}})
+    write_config(cfg)
     sh(["tailforge", "generate", "--run", str(rd), "--config", str(rd / "config.yaml")], log)
     sh(["tailforge", "filter", "--run", str(rd), "--config", str(rd / "config.yaml")], log)
     run = RunDir(rd)
