@@ -53,9 +53,10 @@ def linked_copy(src: Path, dst: Path, own: tuple[str, ...]) -> None:
         if not (dst / p.name).exists():
             (dst / p.name).symlink_to(p.resolve())
     (dst / "models").mkdir(exist_ok=True)
-    base = dst / "models" / "baseline"
-    if not base.exists():
-        base.symlink_to((src / "models" / "baseline").resolve())
+    for name in ("baseline", "backbone"):  # the recipe's frozen backbone is one of them
+        base = dst / "models" / name
+        if not base.exists() and (src / "models" / name).exists():
+            base.symlink_to((src / "models" / name).resolve())
 
 
 def extra_arms(run_dir: Path, seed: int, log: Path, loss_arms: bool = True) -> list[str]:
@@ -70,13 +71,19 @@ def extra_arms(run_dir: Path, seed: int, log: Path, loss_arms: bool = True) -> l
     run = RunDir(run_dir)
     out = []
 
-    def train(r, name, tc):
+    def train(r, name, tc, report=True):
         if not (r.model_dir(name) / "model.safetensors").exists():
             t0 = time.time()
             fit(r, tc, name)
             with open(log, "a") as f:
                 f.write(f"trained {name} in {r.root} ({time.time() - t0:.0f} s)\n")
-        out.append((r.root, name))
+        if report:
+            out.append((r.root, name))
+
+    def arm(r, name, synthetic):  # the recipe arm, with its own backbone first when the recipe trains one
+        steps = cfg.arm_trainings(name, synthetic)
+        for k, (n, tc) in enumerate(steps):
+            train(r, n, tc, report=k == len(steps) - 1)
 
     base = cfg.baseline_train()
     if loss_arms:
@@ -84,7 +91,7 @@ def extra_arms(run_dir: Path, seed: int, log: Path, loss_arms: bool = True) -> l
         train(run, "ldam_drw", base.model_copy(update={"loss": "ldam_drw"}))
     train(run, "crt-bs", cfg.real_only_train().model_copy(update={"loss": "balanced_softmax", "sampler": "instance",
                                                                    "prior": "all"}))
-    train(run, "all-candidates", cfg.recipe.train_config(cfg.train, cfg.baseline, "candidates"))
+    arm(run, "all-candidates", "candidates")
     # random-same-count: the filter's accepted count per class, drawn at random from the candidates
     rdir = run_dir.parent / (run_dir.name + "-random")
     linked_copy(run_dir, rdir, own=("filtered.parquet",))
@@ -98,7 +105,7 @@ def extra_arms(run_dir: Path, seed: int, log: Path, loss_arms: bool = True) -> l
             acc[rng.choice(g.index.to_numpy(), n, replace=False)] = True
         rand = filt.assign(accepted=acc, reason=np.where(acc, "", "random_control"))
         write_manifest(rand, rrun.filtered)
-    train(rrun, "random-same-count", cfg.rebalanced_train())
+    arm(rrun, "random-same-count", "filtered")
     return out
 
 
@@ -115,11 +122,12 @@ def other_generator(first: Path, rd: Path, generator: str, log: Path) -> None:
     sh(["tailforge", "generate", "--run", str(rd), "--config", str(rd / "config.yaml")], log)
     sh(["tailforge", "filter", "--run", str(rd), "--config", str(rd / "config.yaml")], log)
     run = RunDir(rd)
-    if not (run.model_dir("rebalanced") / "model.safetensors").exists():
-        t0 = time.time()
-        fit(run, cfg.rebalanced_train(), "rebalanced")
-        with open(log, "a") as f:
-            f.write(f"trained rebalanced in {rd} ({time.time() - t0:.0f} s)\n")
+    for name, tc in cfg.arm_trainings("rebalanced", cfg.recipe.synthetic):
+        if not (run.model_dir(name) / "model.safetensors").exists():
+            t0 = time.time()
+            fit(run, tc, name)
+            with open(log, "a") as f:
+                f.write(f"trained {name} in {rd} ({time.time() - t0:.0f} s)\n")
 
 
 def evaluate_all(pairs, splits=("val", "test")) -> dict:

@@ -5,17 +5,17 @@ import argparse
 
 from tailforge.data.errors import TailforgeError
 from tailforge.data.manifest import FEATURE_SOURCES
-from tailforge.gen.config import DDPMOptions, FDiffOptions, FeatCovOptions, FeatDictOptions, GenerateConfig, SDOptions
+from tailforge.gen.config import DDPMOptions, FDiffOptions, FeatCovOptions, FeatDictOptions, GenerateConfig, SDOptions, WarpOptions
 
 from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
 
 OPTION_MODELS = (("ddpm", DDPMOptions), ("featdict", FeatDictOptions), ("featcov", FeatCovOptions), ("fdiff", FDiffOptions),
-                 ("sd", SDOptions))
+                 ("sd", SDOptions), ("warp", WarpOptions))
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "generate", help="generate the planned synthetic samples (ddpm, featdict, featcov, fdiff or sd)",
+        "generate", help="generate the planned synthetic samples (ddpm, featdict, featcov, fdiff, sd or warp)",
         description="Run the shards of plan.json with one generator; each shard (one class, an index range) is "
         "written atomically under synthetic/<generator>/ and skipped when re-run; candidates.parquet is then "
         "rewritten as the union of all finished shards.",

@@ -118,6 +118,11 @@ class RecipeConfig(BaseModel):
     lr: Union[float, None] = Field(None, gt=0, description="peak learning rate (default: train.lr)")
     prior: Literal["all", "real"] = Field("all", description="class counts of the loss's prior: all training "
                                           "samples or the real ones only (see train.prior)")
+    backbone_sampler: Union[str, None] = Field(
+        None, description="stage crt: train the frozen backbone of both arms like the baseline (`train`, real data) "
+        "but with this sampler (e.g. class_balanced), as models/<backbone>; feature generators and the filter's "
+        "classifier embedder then use it. None: the baseline's backbone. class_balanced was chosen on VAL: "
+        "bench/results/balanced_backbone.md")
     synthetic: Literal["filtered", "candidates"] = Field(
         "filtered", description="synthetic data of the rebalanced arm: the filter's accepted samples, or every "
         "candidate (the no-filter control)")
@@ -161,6 +166,8 @@ class RunConfig(BaseModel):
                           "(plain CE by default); also the backbone of the crt recipe and the feature space "
                           "of feature generators")
     real_only: str = Field("real-only", description="model name of the recipe trained on real data only")
+    backbone: str = Field("backbone", description="model name of the recipe's own frozen backbone (trained only "
+                          "when recipe.backbone_sampler is set)")
     rebalanced: str = Field("rebalanced", description="model name of the recipe trained on real + "
                             "accepted synthetic data")
     runner: RunnerConfig = Field(default_factory=RunnerConfig, description="task runner")
@@ -173,16 +180,50 @@ class RunConfig(BaseModel):
     def eval_split(self) -> str:
         return getattr(self.evaluate, "split", "test")
 
+    @property
+    def crt_base(self) -> str:
+        """The model whose frozen backbone the crt recipe re-trains on (the real-only arm's, and the feature
+        generators' space): the recipe's own backbone when ``recipe.backbone_sampler`` is set, else the baseline."""
+        if self.recipe.stage == "crt" and self.recipe.backbone_sampler:
+            return self.backbone
+        return self.baseline
+
+    def own_backbone(self, synthetic: str) -> bool:
+        """Whether an arm on real + ``synthetic`` data trains its own backbone: with recipe.backbone_sampler,
+        synthetic IMAGES shape the backbone too (synthetic features can only reach the head)."""
+        gen = getattr(self.generate, "generator", None)
+        return synthetic != "none" and self.crt_base != self.baseline and gen not in FEATURE_GENERATORS
+
+    def arm_trainings(self, name: str, synthetic: str) -> list[tuple[str, BaseModel]]:
+        """(model name, train config) in order for the recipe arm ``name`` on real + ``synthetic`` data
+        (none: the real-only arm): its own backbone first when ``own_backbone``, then the recipe."""
+        if not self.own_backbone(synthetic):
+            return [(name, self.recipe.train_config(self.train, self.crt_base, synthetic))]
+        bb = f"{self.backbone}-{name}"
+        return [(bb, self.backbone_train(synthetic)), (name, self.recipe.train_config(self.train, bb, synthetic))]
+
     def rebalanced_train(self) -> BaseModel:
         """The rebalanced arm: the recipe on real + synthetic data (``recipe.synthetic``)."""
-        return self.recipe.train_config(self.train, self.baseline, self.recipe.synthetic)
+        return self.arm_trainings(self.rebalanced, self.recipe.synthetic)[-1][1]
 
     def real_only_train(self) -> BaseModel:
         """The real-only arm: the same recipe, settings, seed and budget on real data only."""
-        return self.recipe.train_config(self.train, self.baseline, "none")
+        return self.recipe.train_config(self.train, self.crt_base, "none")
 
     def baseline_train(self) -> BaseModel:
         return _with(self.train, synthetic="none")
+
+    def backbone_train(self, synthetic: str = "none") -> BaseModel:
+        """The recipe's backbone: the baseline's settings and budget (epoch_samples: real) with
+        ``recipe.backbone_sampler``, on real (+ ``synthetic``) data."""
+        return _with(self.train, synthetic=synthetic, sampler=self.recipe.backbone_sampler, epoch_samples="real",
+                     synthetic_weight=self.recipe.synthetic_weight)
+
+    def filter_config(self) -> BaseModel:
+        """The filter's settings; its classifier embedder defaults to the recipe's backbone."""
+        if getattr(self.filter, "model", "x") is None and self.crt_base != self.baseline:
+            return self.filter.model_copy(update={"model": self.crt_base})
+        return self.filter
 
     @model_validator(mode="after")
     def _routable(self) -> "RunConfig":
@@ -191,13 +232,25 @@ class RunConfig(BaseModel):
             raise ValueError(f"generator '{gen}' makes feature vectors, which only classifier re-training can use, "
                              "but recipe.stage is 'full': set recipe.stage: crt (flows/recipes/small-images.yaml "
                              "does), or generate images (ddpm, sd)")
+        bs = self.recipe.backbone_sampler
+        if bs is not None:
+            if self.recipe.stage != "crt":
+                raise ValueError("recipe.backbone_sampler is the sampler of the crt recipe's frozen backbone, but "
+                                 "recipe.stage is 'full': set recipe.stage: crt, or drop backbone_sampler")
+            from tailforge.train.samplers import SAMPLERS
+
+            if bs not in SAMPLERS:
+                raise ValueError(f"recipe.backbone_sampler '{bs}' is not a sampler: "
+                                 + did_you_mean(bs, list(SAMPLERS), cutoff=0.5) + "samplers: " + ", ".join(SAMPLERS))
         space = getattr(self.generate, "feature_model", None)
-        if gen in FEATURE_GENERATORS and space not in (None, self.baseline):
+        if gen in FEATURE_GENERATORS and space not in (None, self.crt_base):
             raise ValueError(f"generator '{gen}' samples the feature space of model '{space}', but the recipe "
-                             f"re-trains on the backbone of '{self.baseline}': set generate.feature_model: "
-                             f"{self.baseline}")
-        if len({self.baseline, self.real_only, self.rebalanced}) < 3:
-            raise ValueError("baseline, real_only and rebalanced must be three different model names")
+                             f"re-trains on the backbone of '{self.crt_base}': set generate.feature_model: "
+                             f"{self.crt_base}")
+        names = {self.baseline, self.real_only, self.rebalanced}
+        names |= {self.backbone, f"{self.backbone}-{self.rebalanced}"} if bs else set()
+        if len(names) < (5 if bs else 3):
+            raise ValueError("baseline, real_only, rebalanced (and backbone) must be different model names")
         return self
 
     def to_yaml(self) -> str:

@@ -106,11 +106,14 @@ def _rebalance_steps(cfg: RunConfig) -> dict:
     plan = call(plan_task, run, cfg.plan)
     # the real-only classifier first: the filter's default embedder and featdict's feature space
     call(train_task, run, cfg.baseline_train(), cfg.baseline)
+    if cfg.crt_base != cfg.baseline:  # the recipe's own backbone (recipe.backbone_sampler)
+        call(train_task, run, cfg.backbone_train(), cfg.crt_base)
     n = _generate_steps(run, cfg.generate, cfg.runner) if plan["total"] > 0 else 0
     logger.info("%d candidates", n)
-    summary = call(filter_task, run, cfg.filter, upstream=cfg.baseline)
+    summary = call(filter_task, run, cfg.filter_config(), upstream=cfg.crt_base)
     logger.info("filter: %s", summary)
-    call(train_task, run, cfg.rebalanced_train(), cfg.rebalanced)
+    for name, tc in cfg.arm_trainings(cfg.rebalanced, cfg.recipe.synthetic):  # [own backbone,] the recipe
+        call(train_task, run, tc, name)
     metrics = call(evaluate_task, run, cfg.rebalanced, cfg.eval_split, cfg.evaluate)
     return {"run": str(Path(run).resolve()), "candidates": n, "filter": summary, "metrics": {cfg.rebalanced: metrics}}
 

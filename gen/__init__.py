@@ -6,13 +6,13 @@
 * generators: ``ddpm`` (in-domain class-conditional diffusion), ``featdict`` (feature-dictionary
   oversampling in a classifier's feature space), ``featcov`` (real tail anchors + borrowed head-class
   covariance, in feature space), ``fdiff`` (a class-conditional diffusion model over features),
-  ``sd`` (Stable Diffusion)
+  ``sd`` (Stable Diffusion), ``warp`` (smooth random deformation of real tail exemplars)
 * ``FeatureDictOversampler``: the featdict algorithm on plain arrays (imbalanced-learn style)
 * ``write_sample_grids(run, generator)``: one PNG per class, real exemplars above synthetic samples
 """
 from __future__ import annotations
 
-from .config import DDPMOptions, FDiffOptions, FeatCovOptions, FeatDictOptions, GenerateConfig, PlanConfig, SDOptions
+from .config import DDPMOptions, FDiffOptions, FeatCovOptions, FeatDictOptions, GenerateConfig, PlanConfig, SDOptions, WarpOptions
 from .ddpm import DDPMGenerator
 from .driver import GENERATORS, generate
 from .featcov import FeatCovGenerator, FeatureCovOversampler
@@ -21,6 +21,7 @@ from .fdiff import FDiffGenerator, FeatureDiffusion
 from .grid import write_sample_grids
 from .planner import ClassQuota, Plan, plan, plan_run
 from .sd import SDGenerator
+from .warp import WarpGenerator, warp_images
 from .shards import Shard, collect_candidates, make_shards, parse_shard_spec, sample_seed
 
 __all__ = [
@@ -28,5 +29,5 @@ __all__ = [
     "plan_run", "generate", "GENERATORS", "Shard", "make_shards", "parse_shard_spec", "sample_seed",
     "collect_candidates", "FeatureDictOversampler", "write_sample_grids", "DDPMGenerator", "FeatDictGenerator",
     "SDGenerator", "FeatCovOptions", "FeatCovGenerator", "FeatureCovOversampler", "FDiffOptions",
-    "FDiffGenerator", "FeatureDiffusion",
+    "FDiffGenerator", "FeatureDiffusion", "WarpOptions", "WarpGenerator", "warp_images",
 ]

@@ -88,6 +88,23 @@ class FeatCovOptions(BaseModel):
     featcov_shrink: float = Field(0.0, ge=0, le=1, description="shrink the borrowed covariance towards its diagonal")
 
 
+class WarpOptions(BaseModel):
+    """Smooth random deformation of real tail exemplars (gen/warp.py). Sizes are fractions of the image side."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    warp_elastic: float = Field(0.035, ge=0, description="elastic displacement: standard deviation as a fraction "
+                                "of the side (0.035 = 1 px at 28 px; 0: affine only)")
+    warp_smooth: float = Field(0.14, gt=0, description="smoothness of the displacement field: Gaussian sigma as a "
+                               "fraction of the side (0.14 = 4 px at 28 px, Simard et al.)")
+    warp_rotate: float = Field(8.0, ge=0, le=180, description="largest rotation in degrees")
+    warp_scale: float = Field(0.1, ge=0, lt=1, description="largest relative change of scale")
+    warp_shear: float = Field(0.1, ge=0, le=1, description="largest shear")
+    warp_translate: float = Field(0.0, ge=0, le=0.5, description="largest shift as a fraction of the side (the "
+                                  "trainer's augmentation already shifts)")
+    warp_flip: bool = Field(False, description="mirror half of the samples (photos; not letters or digits)")
+
+
 class FDiffOptions(BaseModel):
     """Feature diffusion (gen/fdiff.py): a class-conditional diffusion model over a classifier's features."""
 
@@ -128,7 +145,7 @@ class GenerateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     generator: str = Field("ddpm", description="ddpm (in-domain image diffusion), featdict, featcov, fdiff "
-                           "(feature vectors for the crt recipe), sd (Stable Diffusion)")
+                           "(feature vectors for the crt recipe), sd (Stable Diffusion), warp (deformed real tail images)")
     shard_size: int = Field(64, ge=1, description="samples per shard (a shard is one class and an index range)")
     seed: int = Field(0, description="run seed; each sample's seed is f(seed, class, index)")
     batch_size: int = Field(64, ge=1, description="samples generated per forward pass")
@@ -140,6 +157,7 @@ class GenerateConfig(BaseModel):
     featcov: FeatCovOptions = Field(default_factory=FeatCovOptions, description="options of featcov")
     fdiff: FDiffOptions = Field(default_factory=FDiffOptions, description="options of fdiff")
     sd: SDOptions = Field(default_factory=SDOptions, description="options of the sd generator")
+    warp: WarpOptions = Field(default_factory=WarpOptions, description="options of the warp generator")
 
     @field_validator("generator")
     @classmethod

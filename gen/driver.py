@@ -23,11 +23,13 @@ from .fdiff import FDiffGenerator
 from .planner import Plan
 from .sd import SDGenerator
 from .space import space_warning
+from .warp import WarpGenerator
 from .shards import (ROWS, Progress, clean_partial, collect_candidates, make_shards, parse_shard_spec, quiet_hf,
                      rows_frame, shard_done, write_candidates)
 
 GENERATORS: dict[str, type[Generator]] = {"ddpm": DDPMGenerator, "featdict": FeatDictGenerator,
-                                          "featcov": FeatCovGenerator, "fdiff": FDiffGenerator, "sd": SDGenerator}
+                                          "featcov": FeatCovGenerator, "fdiff": FDiffGenerator, "sd": SDGenerator,
+                                          "warp": WarpGenerator}
 
 
 def generate(run: RunDir | str, cfg: GenerateConfig | None = None, progress: Progress | None = None,

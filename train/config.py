@@ -115,10 +115,11 @@ class TrainConfig(BaseModel):
         "(measured better in feature space: bench/results/feature_study.md)")
     # optimisation
     epochs: int = Field(10, ge=1, description="training epochs")
-    epoch_samples: Literal["data", "balanced"] = Field(
-        "data", description="samples per epoch: data (the training set's size) or balanced (classes x the largest "
-        "class's REAL train count, whatever synthetic data is added): with balanced, training on real data only "
-        "and on real + synthetic data takes the same number of optimizer steps (a fair control)")
+    epoch_samples: Literal["data", "balanced", "real"] = Field(
+        "data", description="samples per epoch: data (the training set's size), balanced (classes x the largest "
+        "class's REAL train count, whatever synthetic data is added) or real (the number of REAL train samples): "
+        "with balanced or real, training on real data only and on real + synthetic data takes the same number "
+        "of optimizer steps (a fair control)")
     batch_size: int = Field(128, ge=1, description="batch size: the global one; under DDP each of the N processes "
                             "takes batch_size // N samples per step")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum 0.9, nesterov) or adamw")

@@ -325,6 +325,7 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
     counts = np.bincount(labels, minlength=nc)
     meta["train_counts"] = counts.tolist()
     meta["real_class_max"] = int(np.bincount(labels[sources == "real"], minlength=nc).max())
+    meta["real_samples"] = int((sources == "real").sum())
     if cfg.prior == "real":  # the loss sees the real class frequencies (the sampler still sees every sample)
         counts = np.bincount(labels[sources == "real"], minlength=nc)
         meta["prior_counts"] = counts.tolist()
@@ -491,6 +492,8 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
     n_epoch = len(labels)
     if cfg.epoch_samples == "balanced":  # the same budget with or without synthetic samples
         n_epoch = len(counts) * int(meta["real_class_max"])
+    elif cfg.epoch_samples == "real":  # the budget of the same training on real data only
+        n_epoch = int(meta["real_samples"])
     steps = max(1, n_epoch // (bs * dd.world))  # drop the last partial batch (BatchNorm needs > 1 sample)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps, opt.param_groups, transfer))
     ema = EMA(net, cfg.ema) if cfg.ema > 0 else None
@@ -523,7 +526,7 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
     for epoch in range(start, cfg.epochs):
         g = seed_epoch(cfg.seed, epoch, dd.rank)
         order = epoch_indices(cfg.sampler, labels, cfg.seed, epoch,  # the same global order on every rank
-                              n_epoch if cfg.epoch_samples == "balanced" else None)
+                              n_epoch if cfg.epoch_samples != "data" else None)
         mine = shard_indices(order, dd.rank, dd.world)
         if frozen and epoch >= cfg.transfer.freeze_epochs:  # phase 2: the backbone trains too
             frozen = False
