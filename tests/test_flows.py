@@ -129,11 +129,20 @@ def test_benchmark_end_to_end_writes_run_folder_and_artifacts(finished):
     assert report.startswith("## Synthetic data: `rebalanced` vs `real-only`"), report[:200]
     assert "Synthetic data helped" in report or "did not help" in report
     assert set(out["metrics"]) == {"baseline", "real-only", "rebalanced"}
-    # real-only and rebalanced: the same recipe (cRT on the baseline's backbone), only the data differ
-    ro, rb = (json.loads((run / "models" / m / "config.json").read_text())["train"] for m in ("real-only", "rebalanced"))
-    assert ro["stage"] == rb["stage"] == "crt" and ro["base"] == rb["base"] == "baseline"
+    # real-only and rebalanced: the same recipe (cRT on a class-balanced backbone), only the data differ;
+    # with an image generator (ddpm here) the rebalanced arm's backbone also trains on its synthetic images
+    cfgs = {m: json.loads((run / "models" / m / "config.json").read_text())["train"]
+            for m in ("real-only", "rebalanced", "baseline", "backbone", "backbone-rebalanced")}
+    ro, rb = cfgs["real-only"], cfgs["rebalanced"]
+    assert ro["stage"] == rb["stage"] == "crt" and (ro["base"], rb["base"]) == ("backbone", "backbone-rebalanced")
     assert (ro["synthetic"], rb["synthetic"]) == ("none", "filtered")
-    assert {k: v for k, v in ro.items() if k != "synthetic"} == {k: v for k, v in rb.items() if k != "synthetic"}
+    same = lambda c: {k: v for k, v in c.items() if k not in ("synthetic", "base")}  # noqa: E731
+    assert same(ro) == same(rb) and same(cfgs["backbone"]) == same(cfgs["backbone-rebalanced"])
+    bb, base = cfgs["backbone"], cfgs["baseline"]
+    assert (bb["sampler"], bb["epoch_samples"], bb["synthetic"]) == ("class_balanced", "real", "none")
+    assert cfgs["backbone-rebalanced"]["synthetic"] == "filtered"
+    assert {k: v for k, v in bb.items() if k not in ("sampler", "epoch_samples")} == \
+        {k: v for k, v in base.items() if k not in ("sampler", "epoch_samples")}  # otherwise the baseline's
     assert all(0 <= m["top1"] <= 1 for m in out["metrics"].values())
 
     arts = artifacts_of(state.state_details.flow_run_id)
