@@ -26,9 +26,11 @@ DEFAULT_YAML = Path(__file__).with_name("default.yaml")
 
 def validation_error(exc: ValidationError, what: str) -> TailforgeError:
     err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err.get("loc", ())) or what
+    loc = ".".join(str(x) for x in err.get("loc", ()))
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    if not loc:  # a rule across sections: its message names the keys and the fix
+        return TailforgeError(f"invalid {what}: {msg}{extra}")
     return TailforgeError(f"invalid {what}: {loc}: {msg}{extra}", f"correct '{loc}' in the config or option")
 
 
@@ -236,7 +238,7 @@ class RunConfig(BaseModel):
         if bs is not None:
             if self.recipe.stage != "crt":
                 raise ValueError("recipe.backbone_sampler is the sampler of the crt recipe's frozen backbone, but "
-                                 "recipe.stage is 'full': set recipe.stage: crt, or drop backbone_sampler")
+                                 "recipe.stage is 'full': set recipe.stage: crt, or drop it (--set recipe.backbone_sampler=null)")
             from tailforge.train.samplers import SAMPLERS
 
             if bs not in SAMPLERS:

@@ -65,13 +65,14 @@ def test_backbone_sampler_gives_each_arm_its_backbone():
     assert [n for n, _ in feat.arm_trainings("rebalanced", "filtered")] == ["rebalanced"]
     assert feat.rebalanced_train().base == "backbone"
     # without backbone_sampler nothing changes: the baseline is the backbone
-    plain = load_config(None)
+    plain = load_config(None, {"recipe": {"backbone_sampler": None}, "generate": {"feature_model": "baseline"}})
     assert plain.crt_base == "baseline" and plain.rebalanced_train().base == "baseline"
 
 
 @pytest.mark.parametrize("over, msg", [
     ({"recipe": {"backbone_sampler": "balancd"}}, "backbone_sampler 'balancd'"),
-    ({"recipe": {"backbone_sampler": "class_balanced"}}, "generate.feature_model: backbone"),
+    ({"recipe": {"backbone_sampler": "class_balanced"}, "generate": {"feature_model": "baseline"}},
+     "generate.feature_model: backbone"),
     ({"recipe": {"backbone_sampler": "class_balanced", "stage": "full"}, "generate": {"generator": "warp"}},
      "recipe.stage is 'full'"),
 ])
