@@ -82,3 +82,24 @@ def test_backbone_sampler_errors_name_the_fix(over, msg):
 
     with pytest.raises(TailforgeError, match=msg):
         load_config(None, over)
+
+
+def test_real_epoch_samples_give_an_arm_with_synthetic_images_the_real_only_budget(digits_run_copy):
+    """epoch_samples=real: the backbone on real + warp images takes the steps of the backbone on real only."""
+    from tailforge import train
+
+    run = digits_run_copy
+    plan_run(run, PlanConfig(target="balance", overgen=1.0))
+    generate(run, GenerateConfig(generator="warp", shard_size=64))
+    fast = dict(model="tiny", width=8, epochs=1, batch_size=32, sampler="class_balanced", hflip=False)
+    steps = {}
+    for name, over in {"real": dict(synthetic="none", epoch_samples="real"),
+                       "synth": dict(synthetic="candidates", epoch_samples="real"),
+                       "synth-data": dict(synthetic="candidates", epoch_samples="data")}.items():
+        train.fit(run, train.TrainConfig(**fast, **over), name)
+        meta = train.load_model(run.model_dir(name))[1]
+        steps[name] = (meta["steps_per_epoch"], meta["n_synthetic_images"])
+    n_real = int(((read_manifest(run.real)["split"] == "train")).sum())
+    assert steps["real"] == (n_real // 32, 0)
+    assert steps["synth"][0] == steps["real"][0] and steps["synth"][1] > 0  # same budget, synthetic images in
+    assert steps["synth-data"][0] > steps["real"][0]  # counted over the larger set: more steps

@@ -495,6 +495,7 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
     elif cfg.epoch_samples == "real":  # the budget of the same training on real data only
         n_epoch = int(meta["real_samples"])
     steps = max(1, n_epoch // (bs * dd.world))  # drop the last partial batch (BatchNorm needs > 1 sample)
+    meta["steps_per_epoch"] = steps  # the budget, recorded: arms meant to be equal can be checked
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps, opt.param_groups, transfer))
     ema = EMA(net, cfg.ema) if cfg.ema > 0 else None
     state = {"epoch": 0, "best": {"epoch": -1, "val_balanced_acc": -1.0}, "log": [], "best_weights": None}
