@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -59,24 +57,30 @@ def linked_copy(src: Path, dst: Path, own: tuple[str, ...]) -> None:
             base.symlink_to((src / "models" / name).resolve())
 
 
+def fit_once(run, name: str, tc, log: Path) -> None:
+    """Train ``models/<name>`` of ``run`` with ``tc`` unless it is there; log the time."""
+    from tailforge.train import fit
+
+    if not (run.model_dir(name) / "model.safetensors").exists():
+        t0 = time.time()
+        fit(run, tc, name)
+        with open(log, "a") as f:
+            f.write(f"trained {name} in {run.root} ({time.time() - t0:.0f} s)\n")
+
+
 def extra_arms(run_dir: Path, seed: int, log: Path, loss_arms: bool = True) -> list[str]:
     """Train the extra arms in the winner's run folder; returns (run folder, model) pairs to evaluate."""
     import pandas as pd
 
     from tailforge.data import RunDir, read_manifest, write_manifest
     from tailforge.flows.config import load_config
-    from tailforge.train import fit
 
     cfg = load_config(run_dir / "config.yaml")
     run = RunDir(run_dir)
     out = []
 
     def train(r, name, tc, report=True):
-        if not (r.model_dir(name) / "model.safetensors").exists():
-            t0 = time.time()
-            fit(r, tc, name)
-            with open(log, "a") as f:
-                f.write(f"trained {name} in {r.root} ({time.time() - t0:.0f} s)\n")
+        fit_once(r, name, tc, log)
         if report:
             out.append((r.root, name))
 
@@ -114,7 +118,6 @@ def other_generator(first: Path, rd: Path, generator: str, log: Path) -> None:
     plan and recipe; its own candidates, filter and ``rebalanced`` model (stage CLIs, then the recipe's fit)."""
     from tailforge.data import RunDir
     from tailforge.flows.config import load_config, write_config
-    from tailforge.train import fit
 
     linked_copy(first, rd, own=("candidates.parquet", "filtered.parquet", "synthetic", "filter"))
     cfg = load_config(first / "config.yaml", {"run": str(rd), "generate": {"generator": generator}})
@@ -123,11 +126,7 @@ def other_generator(first: Path, rd: Path, generator: str, log: Path) -> None:
     sh(["tailforge", "filter", "--run", str(rd), "--config", str(rd / "config.yaml")], log)
     run = RunDir(rd)
     for name, tc in cfg.arm_trainings("rebalanced", cfg.recipe.synthetic):
-        if not (run.model_dir(name) / "model.safetensors").exists():
-            t0 = time.time()
-            fit(run, tc, name)
-            with open(log, "a") as f:
-                f.write(f"trained {name} in {rd} ({time.time() - t0:.0f} s)\n")
+        fit_once(run, name, tc, log)
 
 
 def evaluate_all(pairs, splits=("val", "test")) -> dict:
