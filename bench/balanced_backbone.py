@@ -10,6 +10,10 @@ epoch on val) and is scored on VAL:
         re-sampling for the whole training): the real-only control
   warp  CE on real + the same number of ``warp`` images (tailforge.gen.warp: each a deformed real
         image of its class) in place of the re-sampled duplicates: synthetic tail images
+  fa    as cb, but from epoch 2 on each re-sampled duplicate's FEATURE gets featcov's variation during
+        training (+ ``--fa-scale`` x L z, L L^T = the head classes' mean within-class covariance,
+        re-estimated from the current network at each epoch): synthetic tail features end to end,
+        so the backbone itself learns from them (feature-space augmentation, cf. Chu et al. 2020)
 
 For warp, cRT runs on real features (``crt``) and on real + synthetic features (``crt_all``, what the
 recipe's rebalanced arm does). Results: bench/results/balanced_backbone.md.
@@ -53,7 +57,26 @@ def top_up(X, Y, counts, nc, seed, opts=None):
     return torch.cat([X] + xs), torch.cat([Y] + ys)
 
 
-def train_backbone(X, Y, nc, steps_epoch, epochs, seed, norm, bs=128, lr=0.1):
+def head_factor(model, X, Y, counts, norm, rng, per=300):
+    """Cholesky factor of the head classes' mean within-class feature covariance under the current network."""
+    head = [c for c in range(len(counts)) if counts[c] >= np.median(counts) and counts[c] >= 3]
+    was = model.training
+    model.eval()
+    covs = []
+    with torch.no_grad():
+        for h in head:
+            idx = np.flatnonzero(Y.numpy() == h)
+            idx = rng.choice(idx, min(per, len(idx)), replace=False)
+            covs.append(np.cov(model.forward_features(norm(X[idx])).double().numpy().T))
+    model.train(was)
+    cov = np.mean(covs, 0)
+    d = len(cov)
+    cov += 1e-6 * max(np.trace(cov) / d, 1e-12) * np.eye(d)
+    return torch.from_numpy(np.linalg.cholesky(cov).astype(np.float32))
+
+
+def train_backbone(X, Y, nc, steps_epoch, epochs, seed, norm, bs=128, lr=0.1, fa=None):
+    """``fa``: (dup mask over X, real X, real Y, real counts, scale) for the feature-augmented arm."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -67,11 +90,18 @@ def train_backbone(X, Y, nc, steps_epoch, epochs, seed, norm, bs=128, lr=0.1):
                                               0.5 * (1 + np.cos(np.pi * (t - steps_epoch) / max(1, total - steps_epoch))))
     order = np.array([], dtype=np.int64)
     model.train()
-    for _ in range(total):
+    L = None
+    for t in range(total):
+        if fa is not None and t % steps_epoch == 0 and t >= steps_epoch:
+            L = head_factor(model, fa[1], fa[2], fa[3], norm, rng)
         if len(order) < bs:
             order = np.concatenate([order, rng.permutation(len(X))])
         idx, order = torch.from_numpy(order[:bs]), order[bs:]
-        loss = F.cross_entropy(model(norm(augment(X[idx], "basic", False, gen))), Y[idx])
+        f = model.forward_features(norm(augment(X[idx], "basic", False, gen)))
+        if L is not None:
+            z = torch.randn(f.shape, generator=gen) @ L.T
+            f = torch.relu(f + fa[4] * fa[0][idx][:, None].float() * z)
+        loss = F.cross_entropy(model.forward_head(f), Y[idx])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -84,11 +114,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", nargs="+", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="train seed per run (default 0, 1, 2, ...)")
-    ap.add_argument("--arms", nargs="+", default=["inst", "cb", "warp"], choices=["inst", "cb", "warp"])
+    ap.add_argument("--arms", nargs="+", default=["inst", "cb", "warp"], choices=["inst", "cb", "warp", "fa"])
     ap.add_argument("--epochs", type=int, default=20)
     for k, f in WarpOptions.model_fields.items():
         if f.annotation is float:
             ap.add_argument("--" + k.replace("_", "-"), type=float, default=f.default)
+    ap.add_argument("--fa-scale", type=float, default=0.5, help="fa: scale of the borrowed feature variation")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -106,7 +137,12 @@ def main(argv=None):
         for arm in a.arms:
             t0 = time.time()
             X, Y = (Xtr, Ytr) if arm == "inst" else top_up(Xtr, Ytr, counts, nc, seed, opts if arm == "warp" else None)
-            model = train_backbone(X, Y, nc, steps, a.epochs, seed, norm)
+            fa = None
+            if arm == "fa":
+                dup = torch.zeros(len(X), dtype=torch.bool)
+                dup[len(Xtr):] = True
+                fa = (dup, Xtr, Ytr, counts, a.fa_scale)
+            model = train_backbone(X, Y, nc, steps, a.epochs, seed, norm, fa=fa)
             with torch.no_grad():
                 direct = bal_acc(yva, model(norm(Xva)).argmax(1).numpy())
             fva = feats(model, Xva, norm)
