@@ -14,7 +14,8 @@ every arm):
 Arms:
   cb          no extra rows: the recipe's real-only arm
   oracle_x2   every class below the largest gets as many unused real images as it has (doubled,
-              capped at the largest class): a perfect generator with a modest quota
+              capped at the largest class and at the unused images there are): a perfect generator
+              with a modest quota
   oracle_bal  every class topped up to the largest with unused real images: a perfect generator with
               the plan's default quota (``target: balance``)
 
@@ -113,9 +114,9 @@ def main(argv=None):
                 extra = []
                 for c in range(nc):
                     k = int(counts.max() - counts[c])
-                    if arm == "oracle_x2":
-                        k = min(k, int(counts[c]))
                     pool = free[raw_y[free] == c]
+                    if arm == "oracle_x2":  # up to double: as many as the class has, or as the pool holds
+                        k = min(k, int(counts[c]), len(pool))
                     if k > len(pool):
                         raise TailforgeError(f"class {c} has {len(pool)} unused images, {k} wanted", "use oracle_x2")
                     if k > 0:
@@ -145,4 +146,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TailforgeError as e:
+        print(f"error: {e.one_line()}", file=sys.stderr)
+        sys.exit(e.exit_code)
