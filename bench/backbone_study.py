@@ -39,11 +39,11 @@ from tailforge.train.models import create_model
 torch.set_num_threads(1)
 
 
-def load(run):
+def load(run, splits=("train", "val")):
     info = run.dataset_info()
     df = read_manifest(run.real)
     out = {}
-    for s in ("train", "val"):
+    for s in splits:
         d = df[(df["split"] == s) & (df["source"] == "real")]
         out[s] = (load_images(d["uri"], run.root, int(info["channels"]), tuple(info["image_size"])),
                   d["label"].to_numpy())
@@ -54,6 +54,13 @@ def to_x(u8):
     """uint8 N x H x W (x C) -> float [0, 1] N x C x H x W."""
     x = torch.from_numpy(u8).float().div(255)
     return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
+def crt_head(f, y, counts, nc, val):
+    """The recipe's cRT head on frozen features: linear, CE, class-balanced sampling, 10 balanced epochs,
+    best epoch on ``val`` = (features, labels)."""
+    return train_head(f, y, np.ones(len(f)), counts, nc, loss="ce", epochs=10, lr=0.1,
+                      sampler="class_balanced", val=val, epoch_n="balanced")
 
 
 def feats(model, X01, norm, bs=512):
@@ -194,8 +201,7 @@ def main(argv=None):
                                                    for i in range(0, len(Xva), 512)]))
             ftr = feats(model, Xtr, norm)
             fva = feats(model, Xva, norm)
-            head = train_head(ftr, Ytr.numpy(), np.ones(len(ftr)), counts, nc, loss="ce", epochs=10, lr=0.1,
-                              sampler="class_balanced", val=(fva, yva), epoch_n="balanced")
+            head = crt_head(ftr, Ytr.numpy(), counts, nc, (fva, yva))
             pv = predict(head, fva)
             crt = bal_acc(yva, pv)
             r3 = tail3(yva, pv, counts)

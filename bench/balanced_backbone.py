@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backbone_study import feats, load, to_x  # noqa: E402
-from feature_study import bal_acc, predict, tail3, train_head  # noqa: E402
+from backbone_study import crt_head, feats, load, to_x  # noqa: E402
+from feature_study import bal_acc, predict, tail3  # noqa: E402
 
 from tailforge.data import RunDir
 from tailforge.gen import WarpOptions, warp_images
@@ -151,8 +151,7 @@ def main(argv=None):
                 if name == "crt_all" and arm != "warp":
                     continue
                 f = feats(model, XX, norm)
-                head = train_head(f, YY.numpy(), np.ones(len(f)), counts, nc, loss="ce", epochs=10, lr=0.1,
-                                  sampler="class_balanced", val=(fva, yva), epoch_n="balanced")
+                head = crt_head(f, YY.numpy(), counts, nc, (fva, yva))
                 pv = predict(head, fva)
                 row[name], row[name + "_rare3"] = bal_acc(yva, pv), tail3(yva, pv, counts)
             res.setdefault(arm, []).append(row)

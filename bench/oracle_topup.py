@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backbone_study import feats, load, to_x  # noqa: E402
+from backbone_study import crt_head, feats, load, to_x  # noqa: E402
 from balanced_backbone import top_up, train_backbone  # noqa: E402
-from feature_study import bal_acc, predict, tail3, train_head  # noqa: E402
+from feature_study import bal_acc, predict, tail3  # noqa: E402
 
 from tailforge.data import DataConfig, RunDir, TailforgeError, load_dataset, load_images, read_manifest
 
@@ -93,11 +93,9 @@ def main(argv=None):
     res = {}
     for r, seed in zip(a.run, a.seeds or range(len(a.run))):
         run = RunDir(r)
-        data, info = load(run)
+        data, info = load(run, ("train", "val", "test"))
         df = read_manifest(run.real)
-        te = df[(df["split"] == "test") & (df["source"] == "real")]
-        Xte = to_x(load_images(te["uri"], run.root, int(info["channels"]), tuple(info["image_size"])))
-        yte = te["label"].to_numpy()
+        Xte, yte = to_x(data["test"][0]), data["test"][1]
         images, raw_y, free = unused_pool(run, df, info)
         Xtr, Ytr = to_x(data["train"][0]), torch.from_numpy(data["train"][1].astype(np.int64))
         Xva, yva = to_x(data["val"][0]), data["val"][1]
@@ -127,8 +125,7 @@ def main(argv=None):
             X, Y = top_up(Xc, Yc, np.bincount(Yc.numpy(), minlength=nc), nc, seed, None)
             model = train_backbone(X, Y, nc, steps, a.epochs, seed, norm)
             fva, fte, f = feats(model, Xva, norm), feats(model, Xte, norm), feats(model, Xc, norm)
-            head = train_head(f, Yc.numpy(), np.ones(len(f)), counts, nc, loss="ce", epochs=10, lr=0.1,
-                              sampler="class_balanced", val=(fva, yva), epoch_n="balanced")
+            head = crt_head(f, Yc.numpy(), counts, nc, (fva, yva))
             pv, pt = predict(head, fva), predict(head, fte)
             row = {"val": bal_acc(yva, pv), "val_rare3": tail3(yva, pv, counts), "test": bal_acc(yte, pt),
                    "test_rare3": tail3(yte, pt, counts), "n_extra": int(len(Xc) - len(Xtr)), "run": r, "seed": seed}

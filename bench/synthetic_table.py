@@ -70,7 +70,6 @@ def fit_once(run, name: str, tc, log: Path) -> None:
 
 def extra_arms(run_dir: Path, seed: int, log: Path, loss_arms: bool = True) -> list[str]:
     """Train the extra arms in the winner's run folder; returns (run folder, model) pairs to evaluate."""
-
     from tailforge.data import RunDir, read_manifest, write_manifest
     from tailforge.flows.config import load_config
 

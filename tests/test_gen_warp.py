@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tailforge.data import RunDir, load_images, read_manifest
+from tailforge.data import load_images, read_manifest
 from tailforge.gen import GenerateConfig, PlanConfig, WarpOptions, generate, plan_run, warp_images
 
 
@@ -99,7 +99,7 @@ def test_real_epoch_samples_give_an_arm_with_synthetic_images_the_real_only_budg
         train.fit(run, train.TrainConfig(**fast, **over), name)
         meta = train.load_model(run.model_dir(name))[1]
         steps[name] = (meta["steps_per_epoch"], meta["n_synthetic_images"])
-    n_real = int(((read_manifest(run.real)["split"] == "train")).sum())
+    n_real = int((read_manifest(run.real)["split"] == "train").sum())
     assert steps["real"] == (n_real // 32, 0)
     assert steps["synth"][0] == steps["real"][0] and steps["synth"][1] > 0  # same budget, synthetic images in
     assert steps["synth-data"][0] > steps["real"][0]  # counted over the larger set: more steps
