@@ -8,11 +8,19 @@ from .atomic import read_json
 from .errors import TailforgeError
 
 
-class RunDir:
-    """Paths of one run folder. Creating the object touches nothing on disk."""
+SOURCES_DIR = "sources"
 
-    def __init__(self, root: str | os.PathLike):
+
+class RunDir:
+    """Paths of one run folder. Creating the object touches nothing on disk.
+
+    ``source``: a view of the run for a second synthetic source next to the run's generator (the
+    benchmark's ``oracle`` arm): its candidates, filtered table and filter report live in
+    ``sources/<source>/`` instead of the run folder's top; everything else is shared."""
+
+    def __init__(self, root: str | os.PathLike, source: str | None = None):
         self.root = Path(root)
+        self.source = source
         if self.root.exists() and not self.root.is_dir():
             raise TailforgeError(f"run folder {self.root} is a file, not a folder",
                                  "pass a folder to --run (a new name creates it)")
@@ -42,12 +50,26 @@ class RunDir:
         return self.root / "plan.json"
 
     @property
+    def side(self) -> Path:
+        """Where this view's candidates, filtered table and filter report live."""
+        return self.root if self.source is None else self.root / SOURCES_DIR / self.source
+
+    def view(self, source: str | None) -> "RunDir":
+        """The same run folder seen through ``source`` (None: the run's own generator)."""
+        return RunDir(self.root, source)
+
+    def sources(self) -> list[str]:
+        """Names of the second sources that have a view in this run folder."""
+        d = self.root / SOURCES_DIR
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+    @property
     def candidates(self) -> Path:
-        return self.root / "candidates.parquet"
+        return self.side / "candidates.parquet"
 
     @property
     def filtered(self) -> Path:
-        return self.root / "filtered.parquet"
+        return self.side / "filtered.parquet"
 
     @property
     def data_dir(self) -> Path:

@@ -57,14 +57,18 @@ def _collect(items, split: str) -> list[dict]:
 
 
 def compare(items, names=None, *, baseline: str | None = None, split: str | None = None,
-            cfg: CompareConfig | None = None, out_dir=None, lead: tuple[str, str] | None = None) -> dict:
+            cfg: CompareConfig | None = None, out_dir=None, lead: tuple[str, str] | None = None,
+            oracle: str | None = None, why_no_oracle: str | None = None) -> dict:
     """Compare evaluations; writes ``compare.json`` and ``report.md`` into ``out_dir``
     (default: the first run's ``eval/``) and returns the JSON dict (with ``markdown``).
 
     ``items``: a run folder / ``RunDir`` or a list of run folders, ``RUN:MODEL`` specs and eval JSON
     paths. With ``names``, ``items`` is one run and only those models are compared (evaluated first
-    when their JSON is missing). ``lead=(control, treatment)`` opens the report with the verdict of
-    ``synthetic_verdict`` (e.g. ``("real-only", "rebalanced")``).
+    when their JSON is missing). ``lead=(control, treatment)`` opens the report with room and capture
+    (``tailforge.eval.room.room_report``: the treatment's gain over the control with a paired bootstrap
+    interval, and with ``oracle`` the room a perfect generator gives and the share captured; else
+    ``why_no_oracle`` in one line), falling back to the sign-based ``synthetic_verdict`` when the arms
+    have no prediction files.
     """
     cfg = cfg or CompareConfig()
     upd = {k: v for k, v in (("baseline", baseline), ("split", split)) if v is not None}
@@ -107,6 +111,19 @@ def compare(items, names=None, *, baseline: str | None = None, split: str | None
         by_model = {e["model"]: e for e in evals}
         if lead[0] in by_model and lead[1] in by_model:
             v = synthetic_verdict(by_model[lead[0]], by_model[lead[1]])
+            room = None
+            if len(runs) == 1:
+                from .room import room_report
+
+                room = room_report(RunDir(evals[0]["run"]), cfg.split, lead[0], lead[1],
+                                   oracle if oracle in by_model else None, why_no_oracle, cfg.bootstrap,
+                                   cfg.confidence)
+            if room and "sets" in room:
+                gain = room["sets"]["balanced"].get("gain") or {}
+                v = {**{k: v[k] for k in ("rarest", "rarest_control", "rarest_treated")},
+                     "helped": gain.get("verdict") == "helped", "decision": gain.get("verdict"),
+                     "delta_balanced_acc": v["delta_balanced_acc"], "markdown": room["markdown"]}
+                result["room"] = {k: room[k] for k in room if k != "markdown"}
             result["verdict"] = v
             result["markdown"] = v["markdown"] + "\n" + result["markdown"]
     out = Path(out_dir) if out_dir else Path(evals[0]["run"]) / "eval"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class EvalConfig(BaseModel):
@@ -29,3 +29,25 @@ class CompareConfig(BaseModel):
                                        "default: the first")
     metrics: list[str] = Field(["top1", "balanced_acc", "many", "medium", "few", "macro_f1", "ece"],
                                description="metrics shown in the table")
+    oracle: bool = Field(True, description="benchmark: train the `oracle` arm (the recipe on real + the long tail's "
+                         "held-back real train images: a perfect generator) where the run made its long tail; the "
+                         "report then leads with room = oracle - real-only and how much of it synthetic data captured")
+    headroom: bool = Field(False, description="benchmark: estimate the room from the real train and val splits alone "
+                           "(`tailforge headroom`: the recipe re-run with the topped-up classes thinned, its learning "
+                           "curve extrapolated to the plan's quota); eval/headroom.json and a report section")
+    headroom_fractions: list[float] = Field([0.5, 0.25], description="headroom: fractions of the topped-up classes' "
+                                            "real train images each learning-curve point keeps (each costs one "
+                                            "backbone + cRT training)")
+    headroom_fit: Literal["power", "log"] = Field("power", description="headroom: the learning curve's model "
+                                                  "(tailforge.eval.room; chosen on VAL: bench/results/room_table.md)")
+    bootstrap: int = Field(1000, ge=100, description="paired bootstrap replicates (test images re-drawn within each "
+                           "class) behind the report's intervals")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="level of the report's intervals: a difference is "
+                              "'helped' or 'hurt' only when its interval excludes 0, else 'within noise'")
+
+    @field_validator("headroom_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < f < 1 for f in v):
+            raise ValueError(f"headroom_fractions must be fractions strictly between 0 and 1, got {v}")
+        return sorted(set(v), reverse=True)

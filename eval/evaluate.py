@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tailforge.data.atomic import read_json, write_json
+import numpy as np
+
+from tailforge.data.atomic import atomic_path, read_json, write_json
 from tailforge.data.errors import TailforgeError
 from tailforge.data.images import load_images
 from tailforge.data.manifest import read_manifest
@@ -23,6 +25,24 @@ from .metrics import calibration_bins, compute
 
 def eval_path(run: RunDir, model_name: str, split: str) -> Path:
     return run.eval_dir / f"{model_name}-{split}.json"
+
+
+def pred_path(run: RunDir, model_name: str, split: str) -> Path:
+    """Predicted class of every image of the split, int32, in the manifest's row order (paired bootstraps)."""
+    return run.eval_dir / f"{model_name}-{split}-pred.npy"
+
+
+def load_pred(run: RunDir, model_name: str, split: str):
+    """(true labels, predicted labels) of a model's evaluation, or None when it has no prediction file."""
+    import numpy as np
+
+    p = pred_path(run, model_name, split)
+    if not p.exists():
+        return None
+    df = read_manifest(run.real)
+    y = df[(df["split"] == split) & (df["source"] == "real")]["label"].to_numpy()
+    pred = np.load(p)
+    return (y, pred) if len(pred) == len(y) else None
 
 
 def evaluate(run, model_name: str, split: str | None = None, cfg: EvalConfig | None = None, progress=None) -> dict:
@@ -56,6 +76,8 @@ def evaluate(run, model_name: str, split: str | None = None, cfg: EvalConfig | N
         progress(len(rows), len(rows), {"split": split})
     y = rows["label"].to_numpy()
     metrics = compute(y, probs, stats.groups, cfg.ece_bins)
+    with atomic_path(pred_path(run, model_name, split)) as tmp:
+        np.save(tmp, probs.argmax(1).astype(np.int32))
     train_cfg = read_json(model_dir / "config.json")["train"]
     best = read_json(model_dir / "best.json") if (model_dir / "best.json").exists() else None
     out = {

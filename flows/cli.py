@@ -20,6 +20,7 @@ COMMANDS = [
     "tailforge.flows.cmd_train",
     "tailforge.flows.cmd_eval",
     "tailforge.flows.cmd_run",
+    "tailforge.flows.cmd_headroom",
     "tailforge.flows.cmd_serve",
 ]
 

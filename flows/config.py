@@ -134,9 +134,10 @@ class RecipeConfig(BaseModel):
         "rebalanced the same number of optimizer steps; data lets the larger synthetic set train longer (an "
         "unfair advantage that once looked like a +2-point gain: bench/results/feature_study.md)")
 
-    def train_config(self, train: BaseModel, base: str, synthetic: str) -> BaseModel:
+    def train_config(self, train: BaseModel, base: str, synthetic: str, source: str | None = None) -> BaseModel:
         upd = {"stage": self.stage, "prior": self.prior, "synthetic": synthetic, "epoch_samples": self.epoch_samples,
-               "synthetic_weight": self.synthetic_weight, "base": base if self.stage == "crt" else None}
+               "synthetic_weight": self.synthetic_weight, "base": base if self.stage == "crt" else None,
+               "synthetic_source": source if synthetic != "none" else None}
         for k in ("loss", "sampler", "epochs", "lr"):
             if getattr(self, k) is not None:
                 upd[k] = getattr(self, k)
@@ -172,6 +173,8 @@ class RunConfig(BaseModel):
                           "when recipe.backbone_sampler is set)")
     rebalanced: str = Field("rebalanced", description="model name of the recipe trained on real + "
                             "accepted synthetic data")
+    oracle: str = Field("oracle", description="model name of the recipe trained on real + the long tail's held-back "
+                        "real train images (a perfect generator: compare.oracle)")
     runner: RunnerConfig = Field(default_factory=RunnerConfig, description="task runner")
 
     @property
@@ -190,19 +193,39 @@ class RunConfig(BaseModel):
             return self.backbone
         return self.baseline
 
-    def own_backbone(self, synthetic: str) -> bool:
-        """Whether an arm on real + ``synthetic`` data trains its own backbone: with recipe.backbone_sampler,
-        synthetic IMAGES shape the backbone too (synthetic features can only reach the head)."""
-        gen = getattr(self.generate, "generator", None)
+    def own_backbone(self, synthetic: str, generator: str | None = None) -> bool:
+        """Whether an arm on real + ``synthetic`` data (of ``generator``, default the run's) trains its own
+        backbone: with recipe.backbone_sampler, synthetic IMAGES shape the backbone too (synthetic features can
+        only reach the head)."""
+        gen = generator or getattr(self.generate, "generator", None)
         return synthetic != "none" and self.crt_base != self.baseline and gen not in FEATURE_GENERATORS
 
-    def arm_trainings(self, name: str, synthetic: str) -> list[tuple[str, BaseModel]]:
+    def arm_trainings(self, name: str, synthetic: str, generator: str | None = None,
+                      source: str | None = None) -> list[tuple[str, BaseModel]]:
         """(model name, train config) in order for the recipe arm ``name`` on real + ``synthetic`` data
-        (none: the real-only arm): its own backbone first when ``own_backbone``, then the recipe."""
-        if not self.own_backbone(synthetic):
-            return [(name, self.recipe.train_config(self.train, self.crt_base, synthetic))]
+        (none: the real-only arm) of ``generator`` (default: the run's) read from ``source`` (default: the run's
+        own candidates): its own backbone first when ``own_backbone``, then the recipe."""
+        if not self.own_backbone(synthetic, generator):
+            return [(name, self.recipe.train_config(self.train, self.crt_base, synthetic, source))]
         bb = f"{self.backbone}-{name}"
-        return [(bb, self.backbone_train(synthetic)), (name, self.recipe.train_config(self.train, bb, synthetic))]
+        return [(bb, self.backbone_train(synthetic, source)),
+                (name, self.recipe.train_config(self.train, bb, synthetic, source))]
+
+    def oracle_trainings(self) -> list[tuple[str, BaseModel]]:
+        """The oracle arm: the recipe on real + the held-back real images (sources/oracle/), trained exactly like
+        an image generator's rebalanced arm (its own backbone with recipe.backbone_sampler, then the recipe)."""
+        return self.arm_trainings(self.oracle, self.recipe.synthetic, "oracle", "oracle")
+
+    def headroom_trainings(self, fraction: float) -> list[tuple[str, BaseModel]]:
+        """One point of headroom's learning curve: the real-only arm (its backbone, then the recipe) with the
+        plan's topped-up classes thinned to ``fraction`` of their real train images, at the same steps."""
+        tag = f"headroom-f{round(100 * fraction):02d}"
+        recipe = _with(self.real_only_train(), tail_fraction=fraction)
+        if self.recipe.stage != "crt":
+            return [(tag, recipe)]
+        bb = f"{tag}-backbone"
+        base = self.backbone_train() if self.crt_base != self.baseline else self.baseline_train()
+        return [(bb, _with(base, tail_fraction=fraction)), (tag, _with(recipe, base=bb))]
 
     def rebalanced_train(self) -> BaseModel:
         """The rebalanced arm: the recipe on real + synthetic data (``recipe.synthetic``)."""
@@ -215,11 +238,12 @@ class RunConfig(BaseModel):
     def baseline_train(self) -> BaseModel:
         return _with(self.train, synthetic="none")
 
-    def backbone_train(self, synthetic: str = "none") -> BaseModel:
+    def backbone_train(self, synthetic: str = "none", source: str | None = None) -> BaseModel:
         """The recipe's backbone: the baseline's settings and budget (epoch_samples: real) with
-        ``recipe.backbone_sampler``, on real (+ ``synthetic``) data."""
+        ``recipe.backbone_sampler``, on real (+ ``synthetic``, from ``source``) data."""
         return _with(self.train, synthetic=synthetic, sampler=self.recipe.backbone_sampler, epoch_samples="real",
-                     synthetic_weight=self.recipe.synthetic_weight)
+                     synthetic_weight=self.recipe.synthetic_weight,
+                     synthetic_source=source if synthetic != "none" else None)
 
     def filter_config(self) -> BaseModel:
         """The filter's settings; its classifier embedder defaults to the recipe's backbone."""
@@ -249,10 +273,10 @@ class RunConfig(BaseModel):
             raise ValueError(f"generator '{gen}' samples the feature space of model '{space}', but the recipe "
                              f"re-trains on the backbone of '{self.crt_base}': set generate.feature_model: "
                              f"{self.crt_base}")
-        names = {self.baseline, self.real_only, self.rebalanced}
-        names |= {self.backbone, f"{self.backbone}-{self.rebalanced}"} if bs else set()
-        if len(names) < (5 if bs else 3):
-            raise ValueError("baseline, real_only, rebalanced (and backbone) must be different model names")
+        names = {self.baseline, self.real_only, self.rebalanced, self.oracle}
+        names |= {self.backbone, f"{self.backbone}-{self.rebalanced}", f"{self.backbone}-{self.oracle}"} if bs else set()
+        if len(names) < (7 if bs else 4):
+            raise ValueError("baseline, real_only, rebalanced, oracle (and backbone) must be different model names")
         return self
 
     def to_yaml(self) -> str:

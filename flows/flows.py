@@ -25,7 +25,7 @@ from .env import prefect_env
 from .config import (FilterConfig, GenerateConfig, PlanConfig, RunConfig, RunnerConfig, TrainConfig,
                      check_run_folder, load_config, write_config)
 from .tasks import (ProgressArtifact, artifact_key, collect_task, compare_task, evaluate_task, filter_task, forget_generators,
-                    generate_shard_task, measure_task, plan_task, prepare_generator_task, train_task)
+                    generate_shard_task, headroom_task, measure_task, plan_task, prepare_generator_task, train_task)
 
 # The flows' default parameter: the embedded digits config (flows/default.yaml), so a deployment run
 # or a UI run with no parameters does what `tailforge run` does.
@@ -66,8 +66,9 @@ def call(task, *args, **kwargs):
     return task(*args, return_state=True, **kwargs).result()
 
 
-def _generate_steps(run: str, gen_cfg, rc: RunnerConfig) -> int:
-    """Prepare the generator, fan the shards out through the task runner, collect candidates."""
+def _generate_steps(run: str, gen_cfg, rc: RunnerConfig, source: str | None = None) -> int:
+    """Prepare the generator, fan the shards out through the task runner, collect candidates (``source``: into
+    the run's second source of that name, sources/<source>/)."""
     from tailforge import gen
     from tailforge.gen.planner import Plan
     from prefect.context import FlowRunContext
@@ -75,7 +76,7 @@ def _generate_steps(run: str, gen_cfg, rc: RunnerConfig) -> int:
     ctx = FlowRunContext.get()
     if rc.runner == "dask" and ctx is not None and type(ctx.task_runner).__name__ != "DaskTaskRunner":
         # started with another runner (e.g. a deployment): fan out in a subflow that runs on Dask
-        return generate_flow.with_options(task_runner=make_runner(rc))(run, gen_cfg, rc)
+        return generate_flow.with_options(task_runner=make_runner(rc))(run, gen_cfg, rc, source)
     r = RunDir(run)
     forget_generators(r)
     call(prepare_generator_task, run, gen_cfg)
@@ -93,7 +94,7 @@ def _generate_steps(run: str, gen_cfg, rc: RunnerConfig) -> int:
     wait(futures)
     for fut in futures:
         fut.result()  # raise the first failure (after retries): the flow fails, finished shards stay
-    return call(collect_task, run, gen_cfg)
+    return call(collect_task, run, gen_cfg, source)
 
 
 def _rebalance_steps(cfg: RunConfig) -> dict:
@@ -138,18 +139,74 @@ def benchmark(config: RunConfig = DEFAULT_CONFIG) -> dict:
         return _benchmark_steps(config)
 
 
+def oracle_blocker(cfg: RunConfig) -> str | None:
+    """Why the benchmark has no oracle arm (one line), or None when it has one."""
+    from tailforge.data import read_json
+    from tailforge.data.heldout import heldout_reason
+
+    if not getattr(cfg.compare, "oracle", True):
+        return "it is turned off (compare.oracle: false)"
+    if getattr(cfg.generate, "generator", None) == "oracle":
+        return "the run's own generator is the oracle (its rebalanced arm is the perfect generator)"
+    r = cfg.run_dir
+    if r.plan.exists() and read_json(r.plan).get("total", 0) == 0:
+        return "the plan tops up no class"
+    return heldout_reason(r)
+
+
+def _oracle_steps(cfg: RunConfig) -> None:
+    """The oracle arm through the product's own path: the `oracle` source draws the long tail's held-back real
+    images to the same plan, the same filter keeps its quota, the recipe trains on them at the same budget."""
+    run = cfg.run
+    _generate_steps(run, cfg.generate.model_copy(update={"generator": "oracle"}), cfg.runner, source="oracle")
+    summary = call(filter_task, run, cfg.filter_config(), upstream=cfg.crt_base, source="oracle")
+    get_run_logger().info("oracle filter: %s", summary)
+    for name, tc in cfg.oracle_trainings():
+        call(train_task, run, tc, name)
+
+
+def _headroom_steps(cfg: RunConfig) -> dict:
+    """Headroom's learning curve: the real-only recipe with the topped-up classes thinned to each of
+    compare.headroom_fractions (same steps), every point and the full recipe predicted on VAL, the curve
+    extrapolated to the plan's quota: eval/headroom.json."""
+    run = cfg.run
+    ev = cfg.evaluate.model_copy(update={"split": "val", "plots": False})
+    points = {1.0: cfg.real_only}
+    for f in cfg.compare.headroom_fractions:
+        for name, tc in cfg.headroom_trainings(f):
+            call(train_task, run, tc, name)
+        points[f] = name
+    for name in points.values():
+        call(evaluate_task, run, name, "val", ev)
+    return call(headroom_task, run, points, cfg.compare)
+
+
 def _benchmark_steps(cfg: RunConfig) -> dict:
     """Three arms on one split, seed, architecture and budget: baseline (real, `train` as given),
-    real-only (the recipe on real data) and rebalanced (the recipe on real + synthetic data)."""
+    real-only (the recipe on real data) and rebalanced (the recipe on real + synthetic data); a fourth,
+    oracle (the recipe on real + the held-back real tail images), where the run made its long tail."""
     out = _rebalance_steps(cfg)
     run, split = cfg.run, cfg.eval_split
-    call(train_task, run, cfg.real_only_train(), cfg.real_only)
-    for name in (cfg.baseline, cfg.real_only):
-        out["metrics"][name] = call(evaluate_task, run, name, split, cfg.evaluate)
-    names = [cfg.baseline, cfg.real_only, cfg.rebalanced]
-    report = call(compare_task, run, names, cfg.real_only, split, cfg.compare, (cfg.real_only, cfg.rebalanced))
-    out["report"] = str(Path(report).resolve())
     logger = get_run_logger()
+    call(train_task, run, cfg.real_only_train(), cfg.real_only)
+    names = [cfg.baseline, cfg.real_only, cfg.rebalanced]
+    why = oracle_blocker(cfg)
+    if why is None:
+        _oracle_steps(cfg)
+        names.append(cfg.oracle)
+    else:
+        logger.info("no oracle arm: %s", why)
+    for name in names:
+        if name != cfg.rebalanced:
+            out["metrics"][name] = call(evaluate_task, run, name, split, cfg.evaluate)
+    if getattr(cfg.compare, "headroom", False):
+        hr = _headroom_steps(cfg)
+        out["headroom"] = {k: hr[k] for k in ("room", "low", "high")}
+        logger.info("estimated room (headroom, from train and val): %+.1f [%+.1f, %+.1f] points", hr["room"],
+                    hr["low"], hr["high"])
+    report = call(compare_task, run, names, cfg.real_only, split, cfg.compare, (cfg.real_only, cfg.rebalanced),
+                  cfg.oracle if why is None else None, why)
+    out["report"] = str(Path(report).resolve())
     m = out["metrics"]
     logger.info("balanced accuracy (%s split): %s", split,
                 ", ".join(f"{n} {m[n]['balanced_acc']:.4f}" for n in names))
@@ -169,8 +226,8 @@ def plan_flow(run: str, plan: PlanConfig = PlanConfig()) -> dict:
 
 @flow(name="generate", description="Generate the plan's shards (fanned out through the task runner).", **FLOW_OPTS)
 def generate_flow(run: str, generate: GenerateConfig = GenerateConfig(),
-                  runner: RunnerConfig = RunnerConfig()) -> int:
-    return _generate_steps(run, generate, runner)
+                  runner: RunnerConfig = RunnerConfig(), source: str | None = None) -> int:
+    return _generate_steps(run, generate, runner, source)
 
 
 @flow(name="filter", description="Score and accept candidates by embedding similarity.", **FLOW_OPTS)
@@ -192,7 +249,25 @@ def evaluate_flow(run: str, models: list[str] | None = None, baseline: str = "ba
     return out
 
 
-FLOWS = {"rebalance": rebalance, "benchmark": benchmark}
+@flow(name="headroom", description="Estimate the room a perfect generator would give the recipe from the real "
+      "train and val splits alone: the recipe re-run with the topped-up classes thinned, its val learning curve "
+      "extrapolated to the plan's quota (eval/headroom.json).", **FLOW_OPTS)
+def headroom_flow(config: RunConfig = DEFAULT_CONFIG) -> dict:
+    with run_lock(config.run, create=True, command="flow headroom"):
+        cfg = config
+        check_run_folder(cfg)
+        write_config(cfg)
+        run = cfg.run
+        call(measure_task, run, cfg.data, cfg.measure)
+        call(plan_task, run, cfg.plan)
+        if cfg.recipe.stage == "crt":
+            call(train_task, run, cfg.baseline_train() if cfg.crt_base == cfg.baseline else cfg.backbone_train(),
+                 cfg.crt_base)
+        call(train_task, run, cfg.real_only_train(), cfg.real_only)
+        return _headroom_steps(cfg)
+
+
+FLOWS = {"rebalance": rebalance, "benchmark": benchmark, "headroom": headroom_flow}
 
 
 def run_flow(cfg: RunConfig, which: str = "benchmark") -> dict:

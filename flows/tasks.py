@@ -321,23 +321,30 @@ def generate_shard_task(run: str, gen_cfg, shard) -> int:
     return shard.size
 
 
+def _side(r: RunDir, what: str) -> str:
+    """Stamp and artifact names of a source view (``oracle-filter``); the run's own keep their names."""
+    return f"{r.source}-{what}" if r.source else what
+
+
 @task(name="collect-candidates", cache_policy=NONE, task_run_name="collect candidates")
-def collect_task(run: str, gen_cfg) -> int:
-    """Union of the finished shards -> candidates.parquet, plus per-class sample grids."""
+def collect_task(run: str, gen_cfg, source: str | None = None) -> int:
+    """Union of the finished shards -> candidates.parquet (``source``: sources/<source>/candidates.parquet),
+    plus per-class sample grids."""
     from tailforge import gen
     from tailforge.gen.planner import Plan
     from tailforge.gen.shards import write_candidates
 
-    r = RunDir(run)
+    r = RunDir(run, source)
     key = _gen_key(r, gen_cfg)
-    if is_done(r, "candidates", key, [r.candidates]):
+    if is_done(r, _side(r, "candidates"), key, [r.candidates]):
         import pandas as pd
 
         return cached("collect candidates", r, len(pd.read_parquet(r.candidates, columns=["sample_id"])))
     df = gen.collect_candidates(r, Plan.load(r))
     write_candidates(r, df)
-    mark_done(r, "candidates", key, rows=len(df))
-    publish_candidates(r, gen_cfg.generator, df)
+    mark_done(r, _side(r, "candidates"), key, rows=len(df))
+    if not source:  # a second source's sample grids would overwrite the run's own
+        publish_candidates(r, gen_cfg.generator, df)
     return len(df)
 
 
@@ -361,17 +368,18 @@ def publish_candidates(run: RunDir, generator: str, df) -> None:
 # --------------------------------------------------------------------------- filter
 
 @task(name="filter", cache_policy=NONE, task_run_name="filter {run}")
-def filter_task(run: str, filter_cfg, upstream: str = "") -> dict:
-    """Score every candidate (embedding similarity) and accept the useful ones: filtered.parquet."""
+def filter_task(run: str, filter_cfg, upstream: str = "", source: str | None = None) -> dict:
+    """Score every candidate (embedding similarity) and accept the useful ones: filtered.parquet
+    (``source``: the candidates and filtered table of sources/<source>/)."""
     from tailforge.eval.filter import filter_candidates
 
-    r = RunDir(run)
+    r = RunDir(run, source)
     key = settings_key(filter_cfg.model_dump(mode="json"), upstream, _file_key(r.candidates))
-    if is_done(r, "filter", key, [r.filtered]):
-        return cached("filter", r, _filter_summary(r))
-    prog = ProgressArtifact(artifact_key(r, "filter-progress"), "filtering candidates")
+    if is_done(r, _side(r, "filter"), key, [r.filtered]):
+        return cached(_side(r, "filter"), r, _filter_summary(r))
+    prog = ProgressArtifact(artifact_key(r, _side(r, "filter-progress")), f"filtering {source or ''} candidates")
     filter_candidates(r, filter_cfg, prog)
-    mark_done(r, "filter", key)
+    mark_done(r, _side(r, "filter"), key)
     summary = _filter_summary(r)
     publish_filter(r)
     return summary
@@ -402,10 +410,12 @@ def publish_filter(run: RunDir) -> None:
         for reason, n in g.loc[~acc, "reason"].value_counts().items():
             row[str(reason) or "rejected"] = int(n)
         rows.append(row)
-    table(artifact_key(run, "filter"), rows, "filter: candidates generated / accepted per class, rejections by reason")
-    pics = sorted((run.root / "filter").glob("*.png")) if (run.root / "filter").is_dir() else []
+    table(artifact_key(run, _side(run, "filter")), rows,
+          f"filter{' (' + run.source + ')' if run.source else ''}: candidates generated / accepted per class, "
+          "rejections by reason")
+    pics = sorted((run.side / "filter").glob("*.png")) if (run.side / "filter").is_dir() else []
     if pics:
-        markdown(artifact_key(run, "filter-grids"), "# Filter: accepted vs rejected samples\n\n"
+        markdown(artifact_key(run, _side(run, "filter-grids")), "# Filter: accepted vs rejected samples\n\n"
                  + "\n".join(f"## {p.stem}\n\n" + image_md(p, p.stem) for p in pics[:8]),
                  "sample grids of the filter (accepted above, rejected below) and the score histogram")
 
@@ -423,8 +433,9 @@ def train_task(run: str, train_cfg, name: str, upstream: str = "") -> str:
 
     r = RunDir(run)
     ident = train_cfg.identity() if hasattr(train_cfg, "identity") else train_cfg.model_dump(mode="json")
-    data_key = _file_key(r.filtered) if getattr(train_cfg, "synthetic", "none") == "filtered" else \
-        _file_key(r.candidates) if getattr(train_cfg, "synthetic", "none") == "candidates" else ""
+    v = r.view(getattr(train_cfg, "synthetic_source", None))
+    data_key = _file_key(v.filtered) if getattr(train_cfg, "synthetic", "none") == "filtered" else \
+        _file_key(v.candidates) if getattr(train_cfg, "synthetic", "none") == "candidates" else ""
     base_key = _file_key(r.model_dir(train_cfg.base) / "model.safetensors") \
         if getattr(train_cfg, "stage", "full") == "crt" and train_cfg.base else ""
     key = settings_key(ident, name, upstream, data_key, _file_key(r.real), base_key)
@@ -456,7 +467,7 @@ def evaluate_task(run: str, name: str, split: str, eval_cfg=None) -> dict:
     cfg_dump = eval_cfg.model_dump(mode="json") if eval_cfg is not None else {}
     key = settings_key(name, split, cfg_dump, _file_key(weights))
     out = r.eval_dir / f"{name}-{split}.json"
-    if is_done(r, f"evaluate-{name}-{split}", key, [out]):
+    if is_done(r, f"evaluate-{name}-{split}", key, [out, r.eval_dir / f"{name}-{split}-pred.npy"]):
         return cached(f"evaluate {name} {split}", r, read_json(out))
     metrics = ev.evaluate(r, name, split, cfg=eval_cfg)
     mark_done(r, f"evaluate-{name}-{split}", key)
@@ -480,23 +491,48 @@ def publish_metrics(run: RunDir, name: str, split: str, metrics: dict) -> None:
 
 @task(name="compare", cache_policy=NONE, task_run_name="compare on {split}")
 def compare_task(run: str, names: list[str], baseline: str, split: str, compare_cfg=None,
-                 lead: tuple[str, str] | None = None) -> str:
+                 lead: tuple[str, str] | None = None, oracle: str | None = None, why_no_oracle: str | None = None) -> str:
     """The arms side by side: eval/report.md (+ compare.json), published as a markdown artifact;
-    ``lead=(control, treatment)`` opens it with the synthetic-data verdict."""
+    ``lead=(control, treatment)`` opens it with room and capture (``oracle``: the perfect-generator arm, or
+    ``why_no_oracle``) and the synthetic-data verdict."""
     from tailforge import eval as ev
     from tailforge.eval.config import CompareConfig
 
     r = RunDir(run)
     cfg = (compare_cfg or CompareConfig()).model_copy(update={"split": split, "baseline": baseline})
     report = r.eval_dir / "report.md"
-    key = settings_key(names, cfg.model_dump(mode="json"), list(lead or []),
-                       [_file_key(r.eval_dir / f"{n}-{split}.json") for n in names])
+    key = settings_key(names, cfg.model_dump(mode="json"), list(lead or []), oracle, why_no_oracle,
+                       [_file_key(r.eval_dir / f"{n}-{split}.json") for n in names], _file_key(r.eval_dir / "headroom.json"))
     if is_done(r, "compare", key, [report]):
         return cached("compare", r, str(report))
-    ev.compare(r, list(names), cfg=cfg, out_dir=r.eval_dir, lead=tuple(lead) if lead else None)
+    ev.compare(r, list(names), cfg=cfg, out_dir=r.eval_dir, lead=tuple(lead) if lead else None, oracle=oracle,
+               why_no_oracle=why_no_oracle)
     mark_done(r, "compare", key)
     publish_report(r)
     return str(report)
+
+
+@task(name="headroom", cache_policy=NONE, task_run_name="headroom {run}")
+def headroom_task(run: str, points: dict, compare_cfg) -> dict:
+    """The estimated room from the learning curve's val predictions: eval/headroom.json, as a table artifact."""
+    from tailforge.eval.room import write_headroom
+
+    r = RunDir(run)
+    out = r.eval_dir / "headroom.json"
+    key = settings_key({str(f): n for f, n in points.items()}, compare_cfg.model_dump(mode="json"),
+                       [_file_key(r.eval_dir / f"{n}-val-pred.npy") for n in points.values()], _file_key(r.plan))
+    if is_done(r, "headroom", key, [out]):
+        return cached("headroom", r, read_json(out))
+    res = write_headroom(r, {float(f): n for f, n in points.items()}, compare_cfg.headroom_fit,
+                         confidence=0.9)
+    mark_done(r, "headroom", key)
+    rows = [{"set": "balanced accuracy", "room": round(res["room"], 2), "low": round(res["low"], 2),
+             "high": round(res["high"], 2)}]
+    rows += [{"set": k, "room": round(v["room"], 2), "low": round(v["low"], 2), "high": round(v["high"], 2)}
+             for k, v in res["groups"].items()]
+    table(artifact_key(r, "headroom"), rows, f"estimated room in points ({res['fit']} fit of the val learning curve, "
+          f"90 % interval), from the real train and val splits alone")
+    return res
 
 
 def publish_report(run: RunDir) -> None:

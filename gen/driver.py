@@ -20,6 +20,7 @@ from .ddpm import DDPMGenerator
 from .featcov import FeatCovGenerator
 from .featdict import FeatDictGenerator
 from .fdiff import FDiffGenerator
+from .oracle import OracleGenerator
 from .planner import Plan
 from .sd import SDGenerator
 from .space import space_warning
@@ -29,7 +30,7 @@ from .shards import (ROWS, Progress, clean_partial, collect_candidates, make_sha
 
 GENERATORS: dict[str, type[Generator]] = {"ddpm": DDPMGenerator, "featdict": FeatDictGenerator,
                                           "featcov": FeatCovGenerator, "fdiff": FDiffGenerator, "sd": SDGenerator,
-                                          "warp": WarpGenerator}
+                                          "warp": WarpGenerator, "oracle": OracleGenerator}
 
 
 def generate(run: RunDir | str, cfg: GenerateConfig | None = None, progress: Progress | None = None,

@@ -129,9 +129,12 @@ def collect_candidates(run: RunDir, plan: Plan | None = None) -> pd.DataFrame:
     """
     frames = []
     syn = run.root / "synthetic"
+    # a source view (run.source) collects its own generator's shards; the run's own candidates every other's
+    pattern = f"{run.source}/*/{ROWS}" if run.source else f"*/*/{ROWS}"
+    others = set(run.sources()) if not run.source else set()
     if syn.is_dir():
-        for rows in sorted(syn.glob(f"*/*/{ROWS}")):
-            if rows.parent.name.startswith("."):
+        for rows in sorted(syn.glob(pattern)):
+            if rows.parent.name.startswith(".") or rows.parent.parent.name in others:
                 continue
             frames.append(pd.read_parquet(rows))
     if not frames:

@@ -113,7 +113,8 @@ def test_benchmark_end_to_end_writes_run_folder_and_artifacts(finished):
     for rel in ("config.yaml", "real.parquet", "counts.json", "counts.png", "plan.json", "candidates.parquet",
                 "filtered.parquet", "models/baseline/model.safetensors", "models/rebalanced/model.safetensors",
                 "models/real-only/model.safetensors", "eval/baseline-test.json", "eval/real-only-test.json",
-                "eval/rebalanced-test.json", "eval/report.md", "eval/compare.json"):
+                "eval/rebalanced-test.json", "eval/report.md", "eval/compare.json", "models/oracle/model.safetensors",
+                "eval/oracle-test.json", "eval/real-only-test-pred.npy", "sources/oracle/filtered.parquet"):
         assert (run / rel).exists(), rel
     # config.yaml is the resolved config: it loads back to the same model
     assert load_config(run / "config.yaml") == cfg
@@ -125,14 +126,33 @@ def test_benchmark_end_to_end_writes_run_folder_and_artifacts(finished):
     assert set(filt["sample_id"]) == set(cands["sample_id"])
     report = (run / "eval" / "report.md").read_text()
     assert out["report"].endswith("report.md") and "baseline" in report
-    # the report leads with the verdict of rebalanced vs real-only (the same recipe on real data only)
-    assert report.startswith("## Synthetic data: `rebalanced` vs `real-only`"), report[:200]
-    assert "Synthetic data helped" in report or "did not help" in report
-    assert set(out["metrics"]) == {"baseline", "real-only", "rebalanced"}
+    # the report leads with room and capture: the oracle arm (the long tail's held-back real images) against
+    # real-only, and rebalanced against real-only, each decided by a paired bootstrap interval
+    assert report.startswith("## Room and capture (test split"), report[:200]
+    assert "**Room:**" in report and ("Synthetic data helped" in report or "did not help" in report)
+    room = json.loads((run / "eval" / "compare.json").read_text())["room"]["sets"]["balanced"]
+    assert room["room"]["low"] <= room["room"]["value"] <= room["room"]["high"]
+    assert set(out["metrics"]) == {"baseline", "real-only", "rebalanced", "oracle"}
+    # the oracle's candidates are held-back real train images only, through the same plan and filter
+    oc = pd.read_parquet(run / "sources" / "oracle" / "candidates.parquet")
+    assert len(oc) == plan["total"] and (oc["source"] == "oracle").all() and oc["parent_id"].notna().all()
+    real = pd.read_parquet(run / "real.parquet")
+    assert not oc["uri"].isin(real["uri"]).any() and oc["uri"].str.startswith("data/all.npy#").all()
+    of = pd.read_parquet(run / "sources" / "oracle" / "filtered.parquet")
+    assert 0 < of["accepted"].sum() <= sum(q["need"] for q in plan["classes"])
     # real-only and rebalanced: the same recipe (cRT on a class-balanced backbone), only the data differ;
     # with an image generator (ddpm here) the rebalanced arm's backbone also trains on its synthetic images
     cfgs = {m: json.loads((run / "models" / m / "config.json").read_text())["train"]
-            for m in ("real-only", "rebalanced", "baseline", "backbone", "backbone-rebalanced")}
+            for m in ("real-only", "rebalanced", "baseline", "backbone", "backbone-rebalanced", "oracle",
+                      "backbone-oracle")}
+    metas = {m: json.loads((run / "models" / m / "config.json").read_text())["meta"] for m in cfgs}
+    # the oracle arm: the rebalanced arm's recipe and budget, on the held-back real images
+    assert {k: v for k, v in cfgs["oracle"].items() if k not in ("base", "synthetic_source")} == \
+        {k: v for k, v in cfgs["rebalanced"].items() if k not in ("base", "synthetic_source")}
+    assert cfgs["oracle"]["synthetic_source"] == "oracle" and cfgs["oracle"]["base"] == "backbone-oracle"
+    assert metas["oracle"]["steps_per_epoch"] == metas["rebalanced"]["steps_per_epoch"] == \
+        metas["real-only"]["steps_per_epoch"]
+    assert metas["backbone-oracle"]["steps_per_epoch"] == metas["backbone"]["steps_per_epoch"]
     ro, rb = cfgs["real-only"], cfgs["rebalanced"]
     assert ro["stage"] == rb["stage"] == "crt" and (ro["base"], rb["base"]) == ("backbone", "backbone-rebalanced")
     assert (ro["synthetic"], rb["synthetic"]) == ("none", "filtered")

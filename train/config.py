@@ -108,6 +108,14 @@ class TrainConfig(BaseModel):
         "candidates (every candidate, unfiltered)")
     synthetic_weight: float = Field(1.0, ge=0, description="per-sample loss weight of synthetic samples "
                                     "(real samples weigh 1)")
+    synthetic_source: Union[str, None] = Field(
+        None, description="where the synthetic rows come from: None, the run's generator (candidates.parquet, "
+        "filtered.parquet); a name, the second source of that name in sources/<name>/ (the benchmark's oracle arm: "
+        "the long tail's held-back real images)")
+    tail_fraction: float = Field(
+        1.0, gt=0, le=1, description="keep this fraction of the real train images of every class the plan tops up "
+        "(seeded by `seed`, at least 2 per class) while the number of optimizer steps stays that of the full real "
+        "set: the points of `tailforge headroom`'s learning curve. 1: every image")
     prior: Literal["all", "real"] = Field(
         "all", description="class counts behind the loss's prior and weights (balanced softmax, logit adjust, "
         "class-balanced, LDAM margins): all training samples (real + synthetic) or the real ones only. With "
@@ -200,7 +208,14 @@ class TrainConfig(BaseModel):
             d.pop("transfer")
         if self.model != CLIP_ADAPTER:
             d.pop("clip")
+        for k, default in LATER_FIELDS.items():  # at their default: the identity of models trained before them
+            if d.get(k) == default:
+                d.pop(k, None)
         return d
+
+
+# fields added after models were trained: left out of the identity while at their default
+LATER_FIELDS = {"synthetic_source": None, "tail_fraction": 1.0}
 
 
 CLIP_ADAPTER = "clip_adapter"

@@ -49,12 +49,37 @@ def training_table(run: RunDir, cfg: TrainConfig) -> pd.DataFrame:
     real = read_manifest(run.require(run.real, "measure"))
     if cfg.synthetic == "none":
         return train_rows(real[real["source"] == "real"])
+    run = run.view(cfg.synthetic_source)
     if cfg.synthetic == "filtered":
         syn = read_manifest(run.require(run.filtered, "filter"))
     else:
         syn = read_manifest(run.require(run.candidates, "generate")).assign(accepted=True)
     df = pd.concat([real, syn[~syn["sample_id"].isin(real["sample_id"])]], ignore_index=True)
     return train_rows(df)
+
+
+def topped_classes(run: RunDir, real_counts: np.ndarray) -> np.ndarray:
+    """Class ids the run's plan tops up (need > 0); without a plan, every class below the largest."""
+    if run.plan.exists():
+        plan = read_json(run.plan)
+        return np.array(sorted(int(q["label"]) for q in plan["classes"] if int(q["need"]) > 0), dtype=np.int64)
+    return np.flatnonzero(real_counts < real_counts.max())
+
+
+def subsample_topped(run: RunDir, rows: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """Keep ``fraction`` of the REAL train rows of each class the plan tops up (at least 2, or all a class has),
+    a seeded choice; the other rows stay. The learning-curve points of ``tailforge headroom``."""
+    real = (rows["source"] == "real").to_numpy()
+    labels = rows["label"].to_numpy()
+    topped = set(topped_classes(run, np.bincount(labels[real])).tolist())
+    rng = np.random.default_rng([seed, 4099])
+    drop = []
+    for c in sorted(topped):
+        idx = np.flatnonzero(real & (labels == c))
+        keep = min(len(idx), max(2, int(round(fraction * len(idx)))))
+        drop.append(np.setdiff1d(idx, rng.choice(idx, keep, replace=False)))
+    drop = np.concatenate(drop) if drop else np.zeros(0, np.int64)
+    return rows.drop(index=rows.index[drop])
 
 
 def featdict_vectors(run: RunDir, rows: pd.DataFrame) -> np.ndarray:
@@ -232,6 +257,12 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
     nc, chans = info["num_classes"], info["channels"]
     size = tuple(info["image_size"])
     rows = training_table(run, cfg)
+    is_real = (rows["source"] == "real").to_numpy()
+    # the budget is that of the full real set, also when tail_fraction thins the topped-up classes
+    budget = {"real_samples": int(is_real.sum()),
+              "real_class_max": int(rows.loc[is_real, "label"].value_counts().max()) if is_real.any() else 0}
+    if cfg.tail_fraction < 1:
+        rows = subsample_topped(run, rows, cfg.tail_fraction, cfg.seed)
     real_all = read_manifest(run.real)
     val = real_all[(real_all["split"] == "val") & (real_all["source"] == "real")]
     if rows.empty or (rows["source"] == "real").sum() == 0:
@@ -324,8 +355,7 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
     weights = np.where(sources == "real", 1.0, cfg.synthetic_weight).astype(np.float32)
     counts = np.bincount(labels, minlength=nc)
     meta["train_counts"] = counts.tolist()
-    meta["real_class_max"] = int(np.bincount(labels[sources == "real"], minlength=nc).max())
-    meta["real_samples"] = int((sources == "real").sum())
+    meta.update(budget)
     if cfg.prior == "real":  # the loss sees the real class frequencies (the sampler still sees every sample)
         counts = np.bincount(labels[sources == "real"], minlength=nc)
         meta["prior_counts"] = counts.tolist()

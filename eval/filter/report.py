@@ -182,7 +182,7 @@ def write_report(run: RunDir, out: pd.DataFrame, quotas: dict[int, int], calibra
     for line in warning_lines(table):
         log.warning("filter: %s", line)
     note = ("Thresholds and prototypes come from the real TRAIN split only; val and test were not used.")
-    d = run.root / "filter"
+    d = run.side / "filter"
     report = {"split": "train (real) for calibration", "backend": backend, "classes": table, "warnings": warns,
               "calibration": {n: c.to_dict() for n, c in calibrations.items()},
               "accepted": int(out["accepted"].sum()), "candidates": len(out)}

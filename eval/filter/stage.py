@@ -116,7 +116,7 @@ SCORE_COLUMNS = ("score_consistency", "score_fidelity", "score_novelty", "score_
 
 
 def filter_dir(run: RunDir) -> Path:
-    return run.root / "filter"
+    return run.side / "filter"
 
 
 def _file_digest(path: Path) -> str:

@@ -1,0 +1,360 @@
+"""Room and capture: how much a perfect generator could add to the recipe, and how much synthetic data took.
+
+Three numbers lead every benchmark report (balanced accuracy on the evaluated split, in points):
+
+* ``room = oracle - real-only``: the ``oracle`` arm is the recipe on real + the long tail's held-back real
+  train images (gen/oracle.py), a perfect generator at the same plan, filter, recipe and budget;
+* ``gain = rebalanced - real-only``: what the run's generator added;
+* ``captured = gain / room``.
+
+Each difference is decided by an interval, not by its sign: a **paired, class-stratified bootstrap over
+the evaluated images** (the images of each class are re-drawn with replacement, the same draw for every
+arm, ``B`` times; the interval is the percentile interval at ``confidence``). A gain whose interval
+excludes 0 "helped" (or "hurt"); otherwise it is "within noise". One seed's interval says nothing of
+the seed-to-seed spread of training: bench/room_table.py reports that over seeds.
+
+Where nothing was held back (a user's own long-tailed folder, ``profile: none``), ``estimate_room`` gives
+the room from the run's real train and val splits alone: the recipe is re-run with the topped-up classes
+thinned to fractions f < 1 of their real images (``train.tail_fraction``, same steps), and the learning
+curve of their val error is extrapolated to the plan's quota. The model (``fit``):
+
+* ``power``: each topped-up class's val error follows ``e_c(n) = e_c(n_c) (n / n_c)^(-b)`` with one
+  exponent ``b`` shared by the classes (least squares of log error ratios over the thinned points, the
+  error smoothed by half an image); topping class c up by ``m_c = (n_c + need_c) / n_c`` gains
+  ``e_c (1 - m_c^-b)`` (scaling laws: Hestness et al. 2017, Rosenfeld et al. 2020; learning-curve
+  estimates of data needs: Mahmood et al., CVPR 2022);
+* ``log``: each class's accuracy grows by ``beta`` per e-fold of its data (at most its error):
+  ``min(e_c, beta ln m_c)``, ``beta`` fitted the same way.
+
+The interval re-fits the curve on ``B`` class-stratified bootstrap draws of the val images (paired across
+the curve's models). Which fit is the default was chosen on VAL against the exact oracle
+(bench/results/room_table.md).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+GROUPS = ("many", "medium", "few")
+
+
+def class_sets(counts, groups=None, rare: int = 3) -> dict[str, np.ndarray]:
+    """Named sets of class ids: ``balanced`` (all), each many/medium/few group present, ``rarest`` (the ``rare``
+    classes with the fewest real train images)."""
+    counts = np.asarray(counts)
+    out = {"balanced": np.arange(len(counts))}
+    if groups is not None:
+        for g in GROUPS:
+            idx = np.array([i for i, x in enumerate(groups) if x == g], dtype=np.int64)
+            if len(idx):
+                out[g] = idx
+    if len(counts) > rare:
+        out["rarest"] = np.argsort(counts, kind="stable")[:rare]
+    return out
+
+
+def _class_index(y: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    return [np.flatnonzero(y == c) for c in range(num_classes)]
+
+
+def bootstrap_class_acc(y: np.ndarray, correct: dict[str, np.ndarray], num_classes: int, b: int,
+                        seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-class accuracy of each model on the data (C,) and on ``b`` paired draws (b, C): the images of each
+    class re-drawn with replacement, the same draw for every model. Classes without images: NaN."""
+    rng = np.random.default_rng(seed)
+    point = {m: np.full(num_classes, np.nan) for m in correct}
+    boot = {m: np.full((b, num_classes), np.nan) for m in correct}
+    for c, idx in enumerate(_class_index(y, num_classes)):
+        if not len(idx):
+            continue
+        draw = idx[rng.integers(0, len(idx), size=(b, len(idx)))]
+        for m, ok in correct.items():
+            point[m][c] = ok[idx].mean()
+            boot[m][:, c] = ok[draw].mean(1)
+    return point, boot
+
+
+def interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    s = np.asarray(samples, dtype=float)
+    s = s[np.isfinite(s)]
+    if not len(s):
+        return float("nan"), float("nan")
+    a = (1 - confidence) / 2
+    lo, hi = np.quantile(s, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def verdict(low: float, high: float) -> str:
+    if low > 0:
+        return "helped"
+    if high < 0:
+        return "hurt"
+    return "within noise"
+
+
+def room_and_capture(y: np.ndarray, preds: dict[str, np.ndarray], control: str, treated: str | None,
+                     oracle: str | None, sets: dict[str, np.ndarray], num_classes: int, b: int = 1000,
+                     confidence: float = 0.95, seed: int = 0) -> dict:
+    """Gain, room and captured share per class set, with paired bootstrap intervals (in points of accuracy).
+
+    ``preds``: model -> predicted labels of the same images ``y``. Returns ``{set: {"gain": {...}, "room":
+    {...}, "captured": {...}}}``; each entry holds ``value``, ``low``, ``high`` (and ``verdict`` for gain and
+    room). ``captured`` is left out (None) where the room's interval does not exclude 0."""
+    correct = {m: (np.asarray(p) == y).astype(np.float64) for m, p in preds.items()}
+    point, boot = bootstrap_class_acc(y, correct, num_classes, b, seed)
+    out = {}
+    for name, idx in sets.items():
+        def acc(m, boot_=False):
+            a = boot[m][:, idx] if boot_ else point[m][idx]
+            return np.nanmean(a, axis=-1)
+
+        row, base, base_b = {}, acc(control), acc(control, True)
+        for key, m in (("gain", treated), ("room", oracle)):
+            if m is None or m not in correct:
+                continue
+            v, s = 100 * (acc(m) - base), 100 * (acc(m, True) - base_b)
+            lo, hi = interval(s, confidence)
+            row[key] = {"value": float(v), "low": lo, "high": hi, "verdict": verdict(lo, hi), "samples": s}
+        if "gain" in row and "room" in row:
+            room = row["room"]
+            if room["low"] > 0:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = row["gain"]["samples"] / row["room"]["samples"]
+                lo, hi = interval(ratio[row["room"]["samples"] > 0], confidence)
+                row["captured"] = {"value": float(row["gain"]["value"] / room["value"]), "low": lo, "high": hi}
+            else:
+                row["captured"] = None
+        for v in row.values():
+            if isinstance(v, dict):
+                v.pop("samples", None)
+        out[name] = row
+    return out
+
+
+# --------------------------------------------------------------------------- headroom: the estimated room
+
+FITS = ("power", "log")
+
+
+def _smoothed_error(acc: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """Per-class error with half an image of smoothing: a perfect class still has a finite log error."""
+    return ((1 - acc) * support + 0.5) / (support + 1)
+
+
+def fit_exponent(errors: dict[float, np.ndarray], topped: np.ndarray, support: np.ndarray, fit: str) -> float:
+    """Shared learning-curve parameter of the topped-up classes from their val error at each fraction.
+
+    ``errors``: fraction -> per-class val error (1.0: the full real set). ``power``: the exponent b of
+    ``e(f) = e(1) f^-b``; ``log``: the accuracy per e-fold of data, beta, of ``acc(f) = acc(1) + beta ln f``.
+    Least squares through the origin over the (class, fraction) points; never negative."""
+    full = errors[1.0][topped]
+    xs, ys = [], []
+    for f, e in errors.items():
+        if f >= 1:
+            continue
+        x = np.log(f)
+        if fit == "power":
+            d = np.log(_smoothed_error(1 - e[topped], support[topped])) - \
+                np.log(_smoothed_error(1 - full, support[topped]))
+            ys.append(-d)  # log e(f) - log e(1) = -b ln f
+        else:
+            ys.append(-(e[topped] - full))  # acc(f) - acc(1) = beta ln f  ->  -(e(f) - e(1))
+        xs.append(np.full(len(topped), x))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    ok = np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if not len(x):
+        return 0.0
+    return max(0.0, float((x * y).sum() / (x * x).sum()))
+
+
+def class_gains(err_full: np.ndarray, topped: np.ndarray, mult: np.ndarray, param: float, fit: str,
+                support: np.ndarray) -> np.ndarray:
+    """Predicted accuracy gain of every class (0 for classes not topped up) for data multipliers ``mult``."""
+    gain = np.zeros(len(err_full))
+    e = err_full[topped]
+    m = np.maximum(mult[topped], 1.0)
+    if fit == "power":
+        es = _smoothed_error(1 - e, support[topped])
+        gain[topped] = np.clip(es * (1 - m ** (-param)), 0, e)
+    else:
+        gain[topped] = np.minimum(e, param * np.log(m))
+    return gain
+
+
+def estimate_room(y: np.ndarray, preds: dict[float, np.ndarray], train_counts, need, groups=None,
+                  fit: str = "power", b: int = 300, confidence: float = 0.9, seed: int = 0) -> dict:
+    """The room a perfect top-up to the plan's quota would give, from the val predictions of the recipe
+    trained on the full real set (``preds[1.0]``) and with the topped-up classes thinned (``preds[f]``).
+
+    ``train_counts``: real train images per class; ``need``: the plan's images to add per class. Returns
+    points of balanced accuracy: ``room``, ``low``, ``high``, ``groups`` (per group and the rarest classes),
+    ``param`` (the fitted exponent or slope), the curve's balanced accuracy at each fraction, and the inputs."""
+    if fit not in FITS:
+        raise ValueError(f"unknown headroom fit '{fit}' (use {', '.join(FITS)})")
+    if 1.0 not in preds or len(preds) < 2:
+        raise ValueError("estimate_room needs the full model (fraction 1.0) and at least one thinned one")
+    counts = np.asarray(train_counts, dtype=float)
+    need = np.asarray(need, dtype=float)
+    nc = len(counts)
+    topped = np.flatnonzero(need > 0)
+    mult = (counts + need) / np.maximum(counts, 1)
+    correct = {f: (np.asarray(p) == y).astype(np.float64) for f, p in preds.items()}
+    point, boot = bootstrap_class_acc(y, correct, nc, b, seed)
+    support = np.bincount(y, minlength=nc).astype(float)
+    sets = class_sets(counts, groups)
+
+    def one(acc: dict[float, np.ndarray]) -> tuple[float, np.ndarray]:
+        err = {f: 1 - np.nan_to_num(a, nan=1.0) for f, a in acc.items()}
+        param = fit_exponent(err, topped, support, fit)
+        return param, class_gains(err[1.0], topped, mult, param, fit, support)
+
+    param, gains = one(point)
+    boots = np.stack([one({f: boot[f][i] for f in boot})[1] for i in range(b)])
+    present = support > 0
+    out = {"fit": fit, "param": param, "confidence": confidence, "fractions": sorted(preds, reverse=True),
+           "curve_balanced_acc": {str(f): float(100 * np.nanmean(point[f])) for f in sorted(preds, reverse=True)},
+           "topped_classes": topped.tolist(), "multiplier": mult.round(4).tolist(), "groups": {}}
+    for name, idx in sets.items():
+        idx = idx[present[idx]]
+        v = 100 * gains[idx].mean() if len(idx) else float("nan")
+        lo, hi = interval(100 * boots[:, idx].mean(1), confidence) if len(idx) else (float("nan"),) * 2
+        entry = {"room": float(v), "low": lo, "high": hi}
+        if name == "balanced":
+            out.update(entry)
+        else:
+            out["groups"][name] = entry
+    return out
+
+
+# --------------------------------------------------------------------------- the report's leading section
+
+def _pt(v: float | None, signed: bool = True) -> str:
+    if v is None or not np.isfinite(v):
+        return "–"
+    return f"{v:+.1f}" if signed else f"{v:.1f}"
+
+
+def _iv(e: dict | None) -> str:
+    if not e:
+        return "–"
+    return f"{e['value']:+.1f} [{e['low']:+.1f}, {e['high']:+.1f}]"
+
+
+def _cap(e: dict | None) -> str:
+    if not e:
+        return "–"
+    return f"{100 * e['value']:.0f} % [{100 * e['low']:.0f}, {100 * e['high']:.0f}]"
+
+
+def room_report(run, split: str, control: str, treated: str | None, oracle: str | None,
+                why_no_oracle: str | None = None, b: int = 1000, confidence: float = 0.95) -> dict:
+    """The report's leading section: room, gain and captured share on ``split``, with intervals and a plain
+    verdict, plus the estimated room of eval/headroom.json when there is one. Returns a dict with
+    ``markdown`` (and the numbers); arms without a prediction file are left out."""
+    from tailforge.data.atomic import read_json
+
+    from .evaluate import eval_path, load_pred
+
+    ev = {m: read_json(eval_path(run, m, split)) for m in (control, treated, oracle)
+          if m and eval_path(run, m, split).exists()}
+    preds = {}
+    for m in ev:
+        got = load_pred(run, m, split)
+        if got is not None:
+            y, preds[m] = got
+    lines = [f"## Room and capture ({split} split, balanced accuracy in points)", ""]
+    res: dict = {"split": split, "control": control, "treated": treated, "oracle": oracle, "confidence": confidence}
+    if control not in preds:
+        lines.append(f"(no predictions of `{control}` on the {split} split: evaluate it again to get this section)")
+        res["markdown"] = "\n".join(lines) + "\n"
+        return res
+    c = ev[control]
+    counts = c.get("real_train_counts") or c.get("train_counts")
+    sets = class_sets(counts, c.get("groups"))
+    names = c.get("class_names") or [str(i) for i in range(len(counts))]
+    t = treated if treated in preds else None
+    o = oracle if oracle in preds else None
+    rc = room_and_capture(y, preds, control, t, o, sets, len(counts), b, confidence)
+    res["sets"] = rc
+    bal = rc["balanced"]
+    level = f"{100 * confidence:.0f} %"
+    gain, room = bal.get("gain"), bal.get("room")
+    if room:
+        head = (f"**Room:** a perfect generator (the long tail's held-back real train images, arm `{o}`) adds "
+                f"**{_iv(room)}** points to the real-only recipe `{control}` ({level} interval, paired bootstrap "
+                f"over the {split} images: {room['verdict']}).")
+        lines += [head, ""]
+    elif why_no_oracle:
+        lines += [f"**No oracle arm:** {why_no_oracle}.", ""]
+    if gain:
+        word = {"helped": "helped", "hurt": "did not help, it hurt",
+                "within noise": "did not help (the difference is within noise)"}[gain["verdict"]]
+        cap = bal.get("captured")
+        capture = (f"; it captured **{_cap(cap)}** of the room" if cap else
+                   (f"; the room's interval does not exclude 0 (perfect data {room['verdict']}), so no share is "
+                    "given" if room else ""))
+        lines += [f"**Synthetic data {word}:** `{t}` is **{_iv(gain)}** points against `{control}`{capture}.", ""]
+    rows = [("balanced accuracy", "balanced")] + [(f"{g}-shot classes", g) for g in GROUPS if g in rc]
+    if "rarest" in rc:
+        rows.append((f"{len(sets['rarest'])} rarest classes ({', '.join(str(names[i]) for i in sets['rarest'])})",
+                     "rarest"))
+    hdr = f"| {split} split | {control} |" + (f" {t} |" if t else "") + (f" {o} |" if o else "")
+    hdr += (" gain |" if t else "") + (" room |" if o else "") + (" captured |" if t and o else "")
+    lines += [hdr, "|---|" + "---:|" * (hdr.count("|") - 2)]
+    for label, key in rows:
+        idx = sets[key]
+
+        def acc(m):
+            pc = np.array([x if x is not None else np.nan for x in ev[m]["per_class"]], dtype=float)
+            return 100 * np.nanmean(pc[idx])
+
+        r = rc[key]
+        cells = [_pt(acc(control), False)] + ([_pt(acc(t), False)] if t else []) + ([_pt(acc(o), False)] if o else [])
+        cells += ([_iv(r.get("gain"))] if t else []) + ([_iv(r.get("room"))] if o else [])
+        cells += ([_cap(r.get("captured"))] if t and o else [])
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    hr_path = run.eval_dir / "headroom.json"
+    if hr_path.exists():
+        hr = read_json(hr_path)
+        res["headroom"] = {k: hr.get(k) for k in ("room", "low", "high", "fit", "split")}
+        lines += ["", f"**Estimated room** from the real train and val splits alone (`tailforge headroom`, "
+                  f"{hr.get('fit')} fit of the {hr.get('split', 'val')} learning curve, "
+                  f"{100 * hr.get('confidence', 0.9):.0f} % interval): **{hr['room']:+.1f} "
+                  f"[{hr['low']:+.1f}, {hr['high']:+.1f}]** points"
+                  + (f" (exact: {room['value']:+.1f})." if room else ".")]
+    lines += ["", f"_Intervals: {b} paired bootstrap draws of the {split} images within each class. They hold the "
+              "sampling noise of the evaluated images, not the seed-to-seed spread of training "
+              "(bench/room_table.py reports that over seeds)._"]
+    res["markdown"] = "\n".join(lines) + "\n"
+    return res
+
+
+def write_headroom(run, points: dict[float, str], fit: str = "power", b: int = 300, confidence: float = 0.9) -> dict:
+    """``tailforge headroom``'s output: ``estimate_room`` on the VAL predictions of ``points`` (fraction -> model
+    name, 1.0 the real-only recipe), the plan's need and the real train counts; written to eval/headroom.json."""
+    from tailforge.data import ClassStats, TailforgeError
+    from tailforge.data.atomic import read_json, write_json
+
+    from .evaluate import load_pred
+
+    stats = ClassStats.load(run)
+    plan = read_json(run.require(run.plan, "plan"))
+    counts = np.asarray(stats.counts["train"], dtype=float)
+    need = np.zeros(len(counts))
+    for q in plan["classes"]:
+        need[int(q["label"])] = int(q["need"])
+    preds, y = {}, None
+    for f, name in points.items():
+        got = load_pred(run, name, "val")
+        if got is None:
+            raise TailforgeError(f"model '{name}' has no predictions on the val split",
+                                 f"evaluate it: `tailforge eval --run {run.root} --model-name {name} --split val`")
+        y, preds[f] = got
+    if not (need > 0).any():
+        raise TailforgeError("the plan tops up no class, so there is no room to estimate",
+                             "plan a top-up first (`tailforge plan --run RUN --target balance`)")
+    res = estimate_room(y, preds, counts, need, stats.groups, fit=fit, b=b, confidence=confidence)
+    res.update({"split": "val", "models": {str(f): n for f, n in points.items()},
+                "note": "estimated from the real train and val splits alone: no held-back image is used"})
+    write_json(run.eval_dir / "headroom.json", res)
+    return res
