@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 START = "<!-- readme-numbers:default-run -->"
 END = "<!-- /readme-numbers -->"
-FIRST = ("baseline", "real-only", "rebalanced")  # the benchmark's arms, in the order a reader compares them
+FIRST = ("baseline", "real-only", "rebalanced", "oracle")  # the benchmark's arms, in the order a reader compares them
 
 
 class Problem(Exception):
@@ -79,6 +79,8 @@ def run_config(run: Path) -> dict:
 def describe(ev: dict, generator: str) -> str:
     """``baseline (real only)``, ``rebalanced (real + accepted ddpm, balanced_softmax)``: from the train settings."""
     train = ev.get("train") or {}
+    if train.get("synthetic_source") == "oracle":
+        generator = "held-back real images (a perfect generator)"
     data = {"filtered": f"real + accepted {generator}", "candidates": f"real + all {generator} candidates"}.get(
         train.get("synthetic") or "none", "real only")
     extra = [train["loss"]] if train.get("loss") not in (None, "ce") else []
@@ -164,7 +166,34 @@ def render_block(evals: list[dict], run: Path, host: str, date: str, wall: float
                                                  if rerun is not None else "")
     text = (f"Output of the default run (`tailforge run`), measured by `make readme-numbers` ({date}; {host}): "
             f"{timing}. {filter_summary(run)} {ev['split'].capitalize()} split of {what}:").replace("  ", " ")
-    return "\n".join([START, wrap(text), "", render_table(evals, generator), END])
+    room = room_line(run)
+    return "\n".join([START, wrap(text), "", render_table(evals, generator)] + (["", wrap(room)] if room else [])
+                     + [END])
+
+
+def room_line(run: Path) -> str:
+    """The report's room and capture, in one sentence, from eval/compare.json (empty when it has none)."""
+    path = run / "eval" / "compare.json"
+    if not path.exists():
+        return ""
+    room = (json.loads(path.read_text()).get("room") or {})
+    bal = (room.get("sets") or {}).get("balanced") or {}
+
+    def iv(e):
+        return f"{e['value']:+.1f} [{e['low']:+.1f}, {e['high']:+.1f}]"
+
+    parts = []
+    if bal.get("room"):
+        parts.append(f"room (oracle − real-only) {iv(bal['room'])} points of balanced accuracy, {bal['room']['verdict']}")
+    if bal.get("gain"):
+        parts.append(f"gain (rebalanced − real-only) {iv(bal['gain'])}, {bal['gain']['verdict']}")
+    cap = bal.get("captured")
+    if cap:
+        parts.append(f"captured {100 * cap['value']:.0f} % of the room")
+    if not parts:
+        return ""
+    level = f"{100 * room.get('confidence', 0.95):.0f} %"
+    return f"Report ({room.get('split', 'test')} split, {level} paired bootstrap intervals): " + "; ".join(parts) + "."
 
 
 def wrap(text: str, width: int = 100) -> str:

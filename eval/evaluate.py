@@ -84,7 +84,7 @@ def evaluate(run, model_name: str, split: str | None = None, cfg: EvalConfig | N
         **metrics,
         "model": model_name, "run": str(run.root), "split": split, "dataset": info["name"],
         "train": {k: train_cfg.get(k) for k in ("model", "loss", "sampler", "seed", "epochs", "synthetic",
-                                                "synthetic_weight", "prior", "stage", "base", "teacher",
+                                                "synthetic_weight", "synthetic_source", "prior", "stage", "base", "teacher",
                                                 "pretrained")},
         "selected_on": best,  # clip_adapter: also the blend with its zero-shot head, chosen on val
         "groups": stats.groups,

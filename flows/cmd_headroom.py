@@ -26,13 +26,17 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from tailforge.data import TailforgeError
     from tailforge.data.lock import run_lock
 
     from .config import check_run_folder, load_config, parse_set
 
     over = parse_set(args.set)
     over["run"] = str(args.run)
-    path = args.config or (Path(args.run) / "config.yaml" if (Path(args.run) / "config.yaml").is_file() else None)
+    path = args.config or Path(args.run) / "config.yaml"
+    if not Path(path).is_file():
+        raise TailforgeError(f"run folder {args.run} has no config.yaml",
+                             f"run `tailforge run --run {args.run} ...` first, or pass the run's --config YAML")
     cfg = load_config(path, over)
     check_run_folder(cfg)
     with run_lock(cfg.run, create=True, command="tailforge headroom"):

@@ -70,10 +70,36 @@ def run(args) -> int:
     for name, m in (out.get("metrics") or {}).items():
         parts = [f"{k} {m[k]:.3f}" for k in ("top1", "balanced_acc", "few") if isinstance(m.get(k), (int, float))]
         print(f"  {name} ({cfg.eval_split} split): " + ", ".join(parts))
+    if out.get("no_oracle"):
+        print(f"  no oracle arm: {out['no_oracle']}")
+    for line in room_lines(Path(cfg.run) / "eval" / "compare.json", out.get("headroom")):
+        print(line)
     if out.get("report"):
         print(f"report: {out['report']}")
     _quiet_shutdown()
     return 0
+
+
+def room_lines(compare_json: Path, headroom: dict | None = None) -> list[str]:
+    """Room and capture of the report in a few lines for the terminal (empty without a compare.json)."""
+    import json
+
+    if not compare_json.exists():
+        return []
+    room = json.loads(compare_json.read_text()).get("room") or {}
+    bal = (room.get("sets") or {}).get("balanced") or {}
+    iv = lambda e: f"{e['value']:+.1f} [{e['low']:+.1f}, {e['high']:+.1f}]"  # noqa: E731
+    out = []
+    if bal.get("room"):
+        out.append(f"  room (oracle - real-only): {iv(bal['room'])} points of balanced accuracy ({bal['room']['verdict']})")
+    if bal.get("gain"):
+        cap = bal.get("captured")
+        out.append(f"  synthetic data (rebalanced - real-only): {iv(bal['gain'])} ({bal['gain']['verdict']})"
+                   + (f", {100 * cap['value']:.0f} % of the room captured" if cap else ""))
+    if headroom:
+        out.append(f"  estimated room (headroom, train + val only): {headroom['room']:+.1f} "
+                   f"[{headroom['low']:+.1f}, {headroom['high']:+.1f}]")
+    return out
 
 
 def _quiet_shutdown() -> None:

@@ -196,6 +196,7 @@ def _benchmark_steps(cfg: RunConfig) -> dict:
         names.append(cfg.oracle)
     else:
         logger.info("no oracle arm: %s", why)
+        out["no_oracle"] = why
     for name in names:
         if name != cfg.rebalanced:
             out["metrics"][name] = call(evaluate_task, run, name, split, cfg.evaluate)

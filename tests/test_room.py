@@ -163,3 +163,14 @@ def test_no_oracle_arm_says_why_in_one_line(tmp_path):
     assert "profile is 'none'" in why and "\n" not in why
     off = cfg.model_copy(update={"compare": cfg.compare.model_copy(update={"oracle": False})})
     assert "compare.oracle: false" in oracle_blocker(off)
+
+
+def test_headroom_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    from tailforge.flows.cli import main
+
+    assert main(["headroom", "--run", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "has no config.yaml" in err and "fix:" in err
+    assert main(["run", "--run", str(tmp_path / "r"), "--set", "compare.headroom_fractions=[0, 0.5]",
+                 "--show-config"]) == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err
