@@ -24,7 +24,10 @@ curve of their val error is extrapolated to the plan's quota. The model (``fit``
   ``e_c (1 - m_c^-b)`` (scaling laws: Hestness et al. 2017, Rosenfeld et al. 2020; learning-curve
   estimates of data needs: Mahmood et al., CVPR 2022);
 * ``log``: each class's accuracy grows by ``beta`` per e-fold of its data (at most its error):
-  ``min(e_c, beta ln m_c)``, ``beta`` fitted the same way.
+  ``min(e_c, beta ln m_c)``, ``beta`` fitted the same way;
+* ``power-span`` / ``log-span``: the same curves, extrapolated no further above the class's data than the
+  thinning reached below it (``m_c`` capped at ``1 / min(f)``): the curve is only trusted over the span it was
+  measured on (extrapolation error grows with the distance: Mahmood et al. 2022).
 
 The interval re-fits the curve on ``B`` class-stratified bootstrap draws of the val images (paired across
 the curve's models). Which fit is the default was chosen on VAL against the exact oracle
@@ -132,7 +135,7 @@ def room_and_capture(y: np.ndarray, preds: dict[str, np.ndarray], control: str, 
 
 # --------------------------------------------------------------------------- headroom: the estimated room
 
-FITS = ("power", "log")
+FITS = ("power", "log", "power-span", "log-span")
 
 
 def _smoothed_error(acc: np.ndarray, support: np.ndarray) -> np.ndarray:
@@ -191,6 +194,7 @@ def estimate_room(y: np.ndarray, preds: dict[float, np.ndarray], train_counts, n
     ``param`` (the fitted exponent or slope), the curve's balanced accuracy at each fraction, and the inputs."""
     if fit not in FITS:
         raise ValueError(f"unknown headroom fit '{fit}' (use {', '.join(FITS)})")
+    fit_name = fit
     if 1.0 not in preds or len(preds) < 2:
         raise ValueError("estimate_room needs the full model (fraction 1.0) and at least one thinned one")
     counts = np.asarray(train_counts, dtype=float)
@@ -208,10 +212,14 @@ def estimate_room(y: np.ndarray, preds: dict[float, np.ndarray], train_counts, n
         param = fit_exponent(err, topped, support, fit)
         return param, class_gains(err[1.0], topped, mult, param, fit, support)
 
+    if fit.endswith("-span"):
+        mult = np.minimum(mult, 1 / min(preds))
+        fit = fit[: -len("-span")]
     param, gains = one(point)
     boots = np.stack([one({f: boot[f][i] for f in boot})[1] for i in range(b)])
     present = support > 0
-    out = {"fit": fit, "param": param, "confidence": confidence, "fractions": sorted(preds, reverse=True),
+    out = {"fit": fit_name,
+           "param": param, "confidence": confidence, "fractions": sorted(preds, reverse=True),
            "curve_balanced_acc": {str(f): float(100 * np.nanmean(point[f])) for f in sorted(preds, reverse=True)},
            "topped_classes": topped.tolist(), "multiplier": mult.round(4).tolist(), "groups": {}}
     for name, idx in sets.items():
