@@ -62,7 +62,7 @@ def one(ds: str, seed: int, a) -> dict:
     t0 = time.time()
     log = str(run) + ".log"
     run.parent.mkdir(parents=True, exist_ok=True)
-    tf("run", "--config", RECIPE, "--run", str(run), *sum((["--set", s] for s in sets), []), log=log,
+    tf("run", "--wait", "--config", RECIPE, "--run", str(run), *sum((["--set", s] for s in sets), []), log=log,
        threads=a.threads)
     for m in ("real-only", "rebalanced", "oracle"):
         if not (run / "eval" / f"{m}-val-pred.npy").exists():
@@ -151,14 +151,20 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results/room_table")
     ap.add_argument("--collect-only", action="store_true", help="tabulate finished run folders, run nothing")
+    ap.add_argument("--order", nargs="+", metavar="DATASET:SEED", help="run exactly these, in this order "
+                    "(default: every dataset x seed); the table still covers --datasets x --seeds")
     a = ap.parse_args(argv)
     jobs = [(ds, s) for ds in a.datasets for s in a.seeds]
+    todo = [(o.split(":")[0], int(o.split(":")[1])) for o in a.order] if a.order else jobs
     if a.collect_only:
         rows = [collect(Path(a.runs) / f"{ds}-s{s}") if (Path(a.runs) / f"{ds}-s{s}" / "eval" / "headroom.json").exists()
                 else None for ds, s in jobs]
     else:
         with ThreadPoolExecutor(a.jobs) as ex:
-            rows = list(ex.map(lambda j: one(j[0], j[1], a), jobs))
+            done = dict(zip(todo, ex.map(lambda j: one(j[0], j[1], a), todo)))
+        rows = [done.get(j) or (collect(Path(a.runs) / f"{j[0]}-s{j[1]}")
+                                if (Path(a.runs) / f"{j[0]}-s{j[1]}" / "eval" / "oracle-val.json").exists() else None)
+                for j in jobs]
     res: dict = {}
     for (ds, s), row in zip(jobs, rows):
         if row is not None and (Path(row["run"]) / "eval" / "oracle-val.json").exists():

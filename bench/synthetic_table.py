@@ -169,7 +169,7 @@ def main(argv=None):
     ap.add_argument("--work", default="runs/bench-synthetic")
     ap.add_argument("--out", default=str(ROOT / "bench/results/synthetic_table"))
     ap.add_argument("--readme", nargs="*", default=None, metavar="JSON",
-                    help="only rewrite README's synthetic-table block from these result JSONs "
+                    help="only rewrite docs/findings.md's synthetic-table block from these result JSONs "
                     "(default: bench/results/synthetic_table_if*.json)")
     a = ap.parse_args(argv)
     if a.readme is not None:
@@ -231,20 +231,20 @@ def write(results: dict, a, wall: float) -> None:
     write_text(a.out + ".md", "\n".join(render(results, a, wall)) + "\n")
 
 
-def readme(paths: list[str], readme_path: Path = ROOT / "README.md") -> None:
-    """Rewrite README's block between ``<!-- synthetic-table -->`` markers from the result JSONs."""
+def readme(paths: list[str], readme_path: Path = ROOT / "docs" / "findings.md") -> None:
+    """Rewrite the block between ``<!-- synthetic-table -->`` markers of docs/findings.md from the result JSONs."""
     from tailforge.data.atomic import write_text
 
     lines = []
     for p in paths:
         d = json.loads(Path(p).read_text())
         a = argparse.Namespace(**d["args"])
-        lines += [f"From [{Path(p).with_suffix('.md').name}](bench/results/{Path(p).with_suffix('.md').name}):", ""]
+        lines += [f"From [{Path(p).with_suffix('.md').name}](../bench/results/{Path(p).with_suffix('.md').name}):", ""]
         lines += [("#### " + x[3:]) if x.startswith("## ") else x for x in render(d["results"], a, d["wall_s"])[2:]]
     text = readme_path.read_text()
     start, end = "<!-- synthetic-table -->", "<!-- /synthetic-table -->"
     if text.count(start) != 1 or text.count(end) != 1:
-        raise SystemExit(f"README.md must hold one {start} ... {end} block")
+        raise SystemExit(f"{readme_path} must hold one {start} ... {end} block")
     i, j = text.index(start) + len(start), text.index(end)
     write_text(readme_path, text[:i] + "\n" + "\n".join(lines).rstrip() + "\n" + text[j:])
 
