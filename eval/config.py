@@ -38,7 +38,7 @@ class CompareConfig(BaseModel):
     headroom_fractions: list[float] = Field([0.5, 0.25], description="headroom: fractions of the topped-up classes' "
                                             "real train images each learning-curve point keeps (each costs one "
                                             "backbone + cRT training)")
-    headroom_fit: Literal["power", "log", "power-span", "log-span"] = Field("power", description="headroom: the learning curve's model "
+    headroom_fit: Literal["power", "log", "power-span", "log-span", "quad"] = Field("power", description="headroom: the learning curve's model "
                                                   "(tailforge.eval.room; chosen on VAL: bench/results/room_table.md)")
     bootstrap: int = Field(1000, ge=100, description="paired bootstrap replicates (test images re-drawn within each "
                            "class) behind the report's intervals")

@@ -25,6 +25,15 @@ curve of their val error is extrapolated to the plan's quota. The model (``fit``
   estimates of data needs: Mahmood et al., CVPR 2022);
 * ``log``: each class's accuracy grows by ``beta`` per e-fold of its data (at most its error):
   ``min(e_c, beta ln m_c)``, ``beta`` fitted the same way;
+* ``scale``: the learning curve's log-log slope as a function of the ABSOLUTE class size,
+  ``d ln e / d ln n = s0 + s1 ln n`` (s1 >= 0: flatter as classes grow). Every topped-up class and fraction
+  gives one chord slope between ``f n_c`` and ``n_c``, placed at its middle, so small classes measure the
+  slope at small sizes and large classes at large ones; a class topped up from ``n_c`` to ``m_c n_c`` gains
+  ``e_c (1 - exp(integral of min(0, s) from ln n_c to ln m_c n_c)))``: it borrows the slope that bigger
+  classes showed over the range it is topped up through, and no gain where that slope has reached 0;
+* ``quad``: the log error as a quadratic in the log of the data, ``ln e(f) - ln e(1) = b ln f + c (ln f)^2``
+  (shared b < 0, c >= 0 by least squares over the thinned points): the log-log slope flattens as data grows,
+  as learning curves at a fixed budget do; a class's gain is taken at the curve's lowest point up to ``m_c``;
 * ``power-span`` / ``log-span``: the same curves, extrapolated no further above the class's data than the
   thinning reached below it (``m_c`` capped at ``1 / min(f)``): the curve is only trusted over the span it was
   measured on (extrapolation error grows with the distance: Mahmood et al. 2022).
@@ -135,7 +144,7 @@ def room_and_capture(y: np.ndarray, preds: dict[str, np.ndarray], control: str, 
 
 # --------------------------------------------------------------------------- headroom: the estimated room
 
-FITS = ("power", "log", "power-span", "log-span")
+FITS = ("scale", "power", "log", "power-span", "log-span", "quad")
 
 
 def _smoothed_error(acc: np.ndarray, support: np.ndarray) -> np.ndarray:
@@ -170,13 +179,67 @@ def fit_exponent(errors: dict[float, np.ndarray], topped: np.ndarray, support: n
     return max(0.0, float((x * y).sum() / (x * x).sum()))
 
 
-def class_gains(err_full: np.ndarray, topped: np.ndarray, mult: np.ndarray, param: float, fit: str,
+def fit_scale(errors: dict[float, np.ndarray], topped: np.ndarray, support: np.ndarray,
+              counts: np.ndarray) -> tuple[float, float]:
+    """(s0, s1) of the log-log slope ``s(u) = s0 + s1 u`` at ``u = ln n`` from the thinned classes' chords."""
+    full = np.log(_smoothed_error(1 - errors[1.0][topped], support[topped]))
+    us, ss = [], []
+    for f, e in errors.items():
+        if f < 1:
+            part = np.log(_smoothed_error(1 - e[topped], support[topped]))
+            ss.append((full - part) / -np.log(f))
+            us.append(np.log(np.maximum(counts[topped], 1)) + np.log(f) / 2)
+    u, s = np.concatenate(us), np.concatenate(ss)
+    if len(u) >= 3 and np.ptp(u) > 0:
+        s1, s0 = np.polyfit(u, s, 1)
+        if s1 >= 0:
+            return float(s0), float(s1)
+    return float(min(0.0, s.mean())), 0.0
+
+
+def _integral_slope(s0: float, s1: float, u0: np.ndarray, u1: np.ndarray, steps: int = 64) -> np.ndarray:
+    """Integral of min(0, s0 + s1 u) du from u0 to u1 (per class)."""
+    t = np.linspace(0, 1, steps)[None, :]
+    u = u0[:, None] + (u1 - u0)[:, None] * t
+    return np.trapezoid(np.minimum(0.0, s0 + s1 * u), u, axis=1)
+
+
+def fit_quad(errors: dict[float, np.ndarray], topped: np.ndarray, support: np.ndarray) -> tuple[float, float]:
+    """(b, c) of ``ln e(f) - ln e(1) = b ln f + c (ln f)^2`` over the topped-up classes' thinned points, c >= 0
+    (a log-log curve that steepens with more data is not a learning curve: then c = 0, a power law)."""
+    full = np.log(_smoothed_error(1 - errors[1.0][topped], support[topped]))
+    xs, ys = [], []
+    for f, e in errors.items():
+        if f < 1:
+            xs.append(np.full(len(topped), np.log(f)))
+            ys.append(np.log(_smoothed_error(1 - e[topped], support[topped])) - full)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    if len(set(np.round(x, 9))) >= 2:
+        (b, c), *_ = np.linalg.lstsq(np.stack([x, x * x], 1), y, rcond=None)
+        if c >= 0:
+            return min(0.0, float(b)), float(c)
+    return min(0.0, float((x * y).sum() / (x * x).sum())), 0.0
+
+
+def class_gains(err_full: np.ndarray, topped: np.ndarray, mult: np.ndarray, param, fit: str,
                 support: np.ndarray) -> np.ndarray:
     """Predicted accuracy gain of every class (0 for classes not topped up) for data multipliers ``mult``."""
     gain = np.zeros(len(err_full))
     e = err_full[topped]
     m = np.maximum(mult[topped], 1.0)
-    if fit == "power":
+    if fit == "scale":
+        s0, s1, n = param
+        u0 = np.log(np.maximum(n[topped], 1))
+        es = _smoothed_error(1 - e, support[topped])
+        gain[topped] = np.clip(es * (1 - np.exp(_integral_slope(s0, s1, u0, u0 + np.log(m)))), 0, e)
+    elif fit == "quad":
+        b, c = param
+        x = np.log(m)
+        if c > 0:
+            x = np.minimum(x, -b / (2 * c))  # the curve's lowest point
+        es = _smoothed_error(1 - e, support[topped])
+        gain[topped] = np.clip(es * (1 - np.exp(b * x + c * x * x)), 0, e)
+    elif fit == "power":
         es = _smoothed_error(1 - e, support[topped])
         gain[topped] = np.clip(es * (1 - m ** (-param)), 0, e)
     else:
@@ -209,7 +272,12 @@ def estimate_room(y: np.ndarray, preds: dict[float, np.ndarray], train_counts, n
 
     def one(acc: dict[float, np.ndarray]) -> tuple[float, np.ndarray]:
         err = {f: 1 - np.nan_to_num(a, nan=1.0) for f, a in acc.items()}
-        param = fit_exponent(err, topped, support, fit)
+        if fit == "scale":
+            param = (*fit_scale(err, topped, support, counts), counts)
+        elif fit == "quad":
+            param = fit_quad(err, topped, support)
+        else:
+            param = fit_exponent(err, topped, support, fit)
         return param, class_gains(err[1.0], topped, mult, param, fit, support)
 
     if fit.endswith("-span"):
@@ -219,7 +287,7 @@ def estimate_room(y: np.ndarray, preds: dict[float, np.ndarray], train_counts, n
     boots = np.stack([one({f: boot[f][i] for f in boot})[1] for i in range(b)])
     present = support > 0
     out = {"fit": fit_name,
-           "param": param, "confidence": confidence, "fractions": sorted(preds, reverse=True),
+           "param": [float(x) for x in param[:2]] if isinstance(param, tuple) else param, "confidence": confidence, "fractions": sorted(preds, reverse=True),
            "curve_balanced_acc": {str(f): float(100 * np.nanmean(point[f])) for f in sorted(preds, reverse=True)},
            "topped_classes": topped.tolist(), "multiplier": mult.round(4).tolist(), "groups": {}}
     for name, idx in sets.items():

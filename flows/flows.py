@@ -156,10 +156,14 @@ def oracle_blocker(cfg: RunConfig) -> str | None:
 
 def _oracle_steps(cfg: RunConfig) -> None:
     """The oracle arm through the product's own path: the `oracle` source draws the long tail's held-back real
-    images to the same plan, the same filter keeps its quota, the recipe trains on them at the same budget."""
+    images to the same plan, the filter keeps the quota (its broken-sample rules only: the images are real, and
+    the selection rules would drop the hard tail images that perfect data is worth most for), and the recipe
+    trains on them at the same budget."""
     run = cfg.run
     _generate_steps(run, cfg.generate.model_copy(update={"generator": "oracle"}), cfg.runner, source="oracle")
-    summary = call(filter_task, run, cfg.filter_config(), upstream=cfg.crt_base, source="oracle")
+    fc = cfg.filter_config()
+    fc = fc.model_copy(update={"image_rules": "guard"}) if "image_rules" in type(fc).model_fields else fc
+    summary = call(filter_task, run, fc, upstream=cfg.crt_base, source="oracle")
     get_run_logger().info("oracle filter: %s", summary)
     for name, tc in cfg.oracle_trainings():
         call(train_task, run, tc, name)

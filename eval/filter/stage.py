@@ -83,6 +83,11 @@ class FilterConfig(BaseModel):
         "broken samples (unrealistic, near copies of another class's real sample, near copies, duplicates) and "
         "a seeded random quota order; all = every image rule and the score order. guard was chosen on val: "
         "every selection rule lost to a random subset in feature space (bench/results/feature_study.md)")
+    image_rules: Literal["all", "guard"] = Field(
+        "all", description="rules for image candidates: all (every rule, score order) or guard (only the broken-sample "
+        "rules and a seeded random quota order, as feature_rules: guard). The benchmark's oracle arm uses guard: its "
+        "candidates are held-back REAL images, and the selection rules, made to catch a generator's failures, would "
+        "drop the hard real tail images a perfect generator is worth most for")
     rules: list[str] = Field(default_factory=list, description="extra rules registered in "
                              "tailforge.eval.filter.score.RULES, applied after the built-in ones in this order "
                              "(none by default)")
@@ -245,7 +250,7 @@ def filter_candidates(run: RunDir | str | Path, cfg: FilterConfig | None = None,
                 raise TailforgeError(
                     f"feature candidates have dimension {cand_vec.shape[1]} but classifier '{key[1]}' gives "
                     f"{real_vec.shape[1]}-d features", "regenerate the featdict candidates with that classifier")
-        guard = key[0] == "features" and cfg.feature_rules == "guard"
+        guard = (key[0] == "features" and cfg.feature_rules == "guard") or (key[0] == "image" and cfg.image_rules == "guard")
         frame, cal = score_space(real_vec, real["label"].to_numpy(), cand_vec, cands["label"].to_numpy()[rows],
                                  num_classes, cfg, search, guard=guard)
         if key[0] == "image":  # blank / constant images, whatever the embedder makes of them
