@@ -460,6 +460,20 @@ class _Forward(nn.Module):
 
 
 # ----------------------------------------------------------------------------- fit
+def data_fingerprint(run: RunDir, cfg: TrainConfig) -> str:
+    """Hash of what a training reads besides its settings: the training table's rows (real + accepted synthetic)
+    and, for crt, the frozen base's weights file. A model whose data changed (a re-filtered source) is stale."""
+    import hashlib
+
+    rows = training_table(run, cfg)
+    h = hashlib.sha256(pd.util.hash_pandas_object(rows[["sample_id", "uri", "label"]], index=False).values.tobytes())
+    if cfg.stage == "crt" and cfg.base:
+        w = _model_folder(run, cfg.base) / "model.safetensors"
+        if w.exists():
+            h.update(f"{w.stat().st_size}:{w.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
 def finished(run: RunDir, cfg: TrainConfig, name: str) -> Path | None:
     """``models/<name>/`` when it is already trained with ``cfg``'s settings, else None.
 
@@ -471,9 +485,13 @@ def finished(run: RunDir, cfg: TrainConfig, name: str) -> Path | None:
     if (final / "config.json").exists() and not folder_ok(final, f"training {name}", show_root=run.root):
         return None  # damaged (a truncated checkpoint): trained again, replacing the folder
     if (final / "config.json").exists():
-        old = read_json(final / "config.json").get("identity")
-        if old == cfg.identity():
-            return final
+        saved = read_json(final / "config.json")
+        if saved.get("identity") == cfg.identity():
+            if saved.get("data") in (None, data_fingerprint(run, cfg)):  # None: trained before data was recorded
+                return final
+            log.warning("the training data of models/%s changed since it was trained (re-filtered or re-generated "
+                        "synthetic rows, or a new base); training it again", name)
+            return None
         if not cfg.overwrite:
             raise TailforgeError(f"model '{name}' already exists in {run.root} with other settings",
                                  "choose another --name, or pass --overwrite")
@@ -506,7 +524,7 @@ def fit(run: RunDir, cfg: TrainConfig, name: str, progress=None) -> Path:
 
 def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, progress) -> Path:
     final = run.model_dir(name)
-    ident = cfg.identity()
+    ident = {**cfg.identity(), "_data": data_fingerprint(run, cfg)}  # a state of other data is not resumed
     work = run.root / "models" / f".work-{name}"
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -639,7 +657,7 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
                      "device": str(dev), "best_epoch": state["best"]["epoch"]})
         if dd.world > 1 or dd.owns_group:
             meta["ddp_world_size"] = dd.world
-        _write_model(final, model, cfg, meta, state)
+        _write_model(final, model, cfg, meta, state, ident["_data"])
         shutil.rmtree(work, ignore_errors=True)
     dd.barrier()  # the model folder is complete before any rank returns it
     return final
@@ -688,14 +706,14 @@ def _save_state(work: Path, ident: dict, net, opt, sched, ema, state: dict) -> N
     write_text(work / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state["log"]))
 
 
-def _write_model(final: Path, model, cfg: TrainConfig, meta: dict, state: dict) -> None:
+def _write_model(final: Path, model, cfg: TrainConfig, meta: dict, state: dict, data: str | None = None) -> None:
     from safetensors.torch import save_file
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(final) as tmp:
         save_file(sd, str(tmp / "model.safetensors"))
         write_json(tmp / "config.json", {"train": cfg.model_dump(mode="json"), "identity": cfg.identity(),
-                                         "meta": meta})
+                                         "data": data, "meta": meta})
         write_text(tmp / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state["log"]))
         write_json(tmp / "best.json", state["best"])
 
