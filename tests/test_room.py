@@ -174,3 +174,28 @@ def test_headroom_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert main(["run", "--run", str(tmp_path / "r"), "--set", "compare.headroom_fractions=[0, 0.5]",
                  "--show-config"]) == 2
     assert "strictly between 0 and 1" in capsys.readouterr().err
+
+
+def test_a_model_whose_training_data_changed_is_trained_again(digits_run_copy, one_torch_thread):
+    """The oracle's re-filtered source (or any re-filtered data) must not be served by the old model."""
+    import json
+
+    from tailforge.data import write_manifest
+    from tailforge.train import fit
+    from tailforge.train.config import TrainConfig
+
+    run = digits_run_copy
+    real = read_manifest(run.real)
+    tr = real[(real["split"] == "train") & (real["label"] == 9)].head(6)
+    syn = tr.assign(sample_id="planted-" + tr["sample_id"], source="planted", accepted=[True] * 6)
+    write_manifest(syn, run.filtered)
+    cfg = TrainConfig(model="tiny", width=4, epochs=1, batch_size=32, hflip=False, synthetic="filtered")
+    fit(run, cfg, "m")
+    first = json.loads((run.model_dir("m") / "config.json").read_text())
+    assert first["meta"]["train_counts"][9] == int((real[real["split"] == "train"]["label"] == 9).sum()) + 6
+    fit(run, cfg, "m")  # same data: served as it is
+    assert json.loads((run.model_dir("m") / "config.json").read_text()) == first
+    write_manifest(syn.assign(accepted=[True] * 2 + [False] * 4), run.filtered)
+    fit(run, cfg, "m")  # two synthetic rows left: trained again on them
+    again = json.loads((run.model_dir("m") / "config.json").read_text())
+    assert again["data"] != first["data"] and again["meta"]["train_counts"][9] == first["meta"]["train_counts"][9] - 4
