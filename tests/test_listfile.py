@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -272,21 +270,28 @@ def test_bad_inaturalist_json_is_one_error_naming_the_entry(tmp_path):
 
 # --------------------------------------------------------------------------- end to end and the CLI
 
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(cwd / "prefect-home"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    return subprocess.run([sys.executable, "-m", "tailforge.flows.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
 TINY_RUN = ["--config", str(Path(__file__).resolve().parents[1] / "flows" / "recipes" / "small-images.yaml"),
             "--set", "train.epochs=1", "--set", "recipe.epochs=1", "--set", "data.image_size=8",
             "--set", "train.width=4", "--set", "evaluate.plots=false"]
 
 
+@pytest.fixture(scope="module")
+def harness():
+    """One temporary Prefect server for the module's `tailforge run` calls (as tests/test_flows.py)."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from tailforge.flows import prefect_env
+
+    prefect_env()
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["listfile", "inaturalist"])
-def test_tailforge_run_goes_end_to_end_on_the_split_files(fmt, tmp_path):
+def test_tailforge_run_goes_end_to_end_on_the_split_files(fmt, tmp_path, harness, one_torch_thread):
+    """`tailforge run` (the three arms of the small-images recipe, one epoch each) on either format."""
     root = tmp_path / "ds"
     if fmt == "listfile":
         make_lt_set(root)
@@ -298,14 +303,28 @@ def test_tailforge_run_goes_end_to_end_on_the_split_files(fmt, tmp_path):
         data = ["--set", "data.dataset=inaturalist", "--set", f"data.root={root}",
                 "--set", "data.lists.train=train2018.json", "--set", "data.lists.val=val2018.json"]
     run = tmp_path / "run"
-    res = run_cli(["run", *TINY_RUN, *data, "--run", str(run)], tmp_path)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert main(["run", *TINY_RUN, *data, "--run", str(run)]) == 0
     real = pd.read_parquet(run / "real.parquet")
     n_train = sum(TRAIN) if fmt == "listfile" else 15
     assert (real["split"] == "train").sum() == n_train  # profile none: the list as published
+    n_test = 5 * TEST if fmt == "listfile" else 6  # iNat: val's 3 per class split 1 val / 2 test
     for arm in ("baseline", "real-only", "rebalanced"):
         metrics = json.loads((run / "eval" / f"{arm}-test.json").read_text())
-        assert metrics["split"] == "test" and 0 <= metrics["balanced_accuracy"] <= 1
+        assert metrics["split"] == "test" and metrics["n"] == n_test and 0 <= metrics["balanced_acc"] <= 1
+
+
+def test_measure_train_and_eval_read_the_listed_images_through_the_cli(tmp_path, capsys):
+    """The fast end-to-end check (no Prefect): the stages load the images the iNaturalist JSON names."""
+    root = tmp_path / "inat"
+    make_inat(root)
+    run = str(tmp_path / "run")
+    assert main(["measure", "--run", run, "--dataset", "inaturalist", "--root", str(root), "--image-size", "8",
+                 "--lists", "{train: train2018.json, val: val2018.json}"]) == 0
+    assert main(["train", "--run", run, "--name", "b", "--model", "tiny", "--width", "4", "--epochs", "1",
+                 "--no-hflip"]) == 0
+    assert main(["eval", "--run", run, "--model-name", "b", "--split", "test", "--no-plots"]) == 0
+    metrics = json.loads((tmp_path / "run" / "eval" / "b-test.json").read_text())
+    assert metrics["n"] == 6 and metrics["class_names"] == ["Aves: Turdus", "Insecta: Apis", "Plantae: Quercus"]
 
 
 def test_the_cli_reads_list_files_and_reports_bad_ones_in_one_line(lt_root, tmp_path, capsys):
@@ -324,3 +343,14 @@ def test_the_cli_reads_list_files_and_reports_bad_ones_in_one_line(lt_root, tmp_
     assert len(err) == 1 and "bad5.txt:2: path '../../x.png' lies outside the dataset root" in err[0], err
     assert main(["measure", "--run", str(tmp_path / "run3"), "--dataset", "digits", "--lists", "{train: a.txt}"]) == 2
     assert "data.lists and data.names are read by the datasets listfile, inaturalist" in capsys.readouterr().err
+
+
+def test_a_misspelt_split_key_is_named_before_any_work(tmp_path):
+    from tailforge.flows.config import load_config, parse_set
+
+    with pytest.raises(TailforgeError, match=r"unknown key 'data.lists.tarin'.*did you mean 'train'"):
+        load_config(None, parse_set(["data.dataset=listfile", f"data.root={tmp_path}", "data.lists.tarin=a.txt"]))
+    cfg = load_config(None, parse_set(["data.dataset=listfile", f"data.root={tmp_path}", "data.lists.train=a.txt",
+                                       "data.lists.test=b.txt"]))
+    assert cfg.data.profile == "none" and str(cfg.data.lists.test) == "b.txt"
+    assert load_config(None, parse_set(["data.dataset=listfile", "data.profile=exp"])).data.profile == "exp"
