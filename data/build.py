@@ -22,13 +22,15 @@ def _split_indices(raw: RawDataset, cfg: DataConfig) -> dict[str, tuple[str, np.
         tr, va, te = stratified_split(s["all"].labels, cfg.split, cfg.seed)
         return {"train": ("all", tr), "val": ("all", va), "test": ("all", te)}
     out = {"train": ("train", np.arange(len(s["train"])))}
-    if "val" in s:
+    if "val" in s and "test" in s:
         out["val"] = ("val", np.arange(len(s["val"])))
         out["test"] = ("test", np.arange(len(s["test"])))
     else:
-        # Hold out part of the official (balanced) test set, stratified, for model selection.
-        te, va = stratified_split(s["test"].labels, (1 - cfg.val_from_test, cfg.val_from_test), cfg.seed)
-        out["val"], out["test"] = ("test", va), ("test", te)
+        # Hold out part of the official (balanced) test set, stratified, for model selection; where a dataset
+        # publishes no test labels (iNaturalist), its val set plays the test set's part.
+        held = "test" if "test" in s else "val"
+        te, va = stratified_split(s[held].labels, (1 - cfg.val_from_test, cfg.val_from_test), cfg.seed)
+        out["val"], out["test"] = (held, va), (held, te)
     return out
 
 

@@ -6,6 +6,23 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .listfiles import file_digest
+
+
+LIST_DATASETS = ("listfile", "inaturalist")  # read published split files: already long-tailed
+
+
+class ListFiles(BaseModel):
+    """The split files of a ``listfile`` / ``inaturalist`` dataset, relative to ``data.root`` or absolute."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: Path = Field(description="train split file (ImageNet_LT_train.txt, train2018.json)")
+    val: Union[Path, None] = Field(None, description="val split file; without it val is held out (stratified, "
+                                   "val_from_test) from the test file, or from this file's val when test is missing")
+    test: Union[Path, None] = Field(None, description="test split file; iNaturalist has none: its val file is then "
+                                    "split into val and test")
+
 
 class DataConfig(BaseModel):
     """Which dataset, and how to make it long-tailed."""
@@ -13,11 +30,16 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field("digits", description="registry name: digits, fashion-mnist, cifar10, cifar100, "
-                         "mini-imagenet, imagefolder")
+                         "mini-imagenet, imagefolder, listfile (ImageNet-LT / Places-LT list files), inaturalist (iNat JSON)")
     root: Union[Path, None] = Field(None, description="dataset root folder (not needed for digits)")
     download: bool = Field(False, description="allow downloading (cifar/fashion-mnist) when online")
+    lists: Union[ListFiles, None] = Field(
+        None, description="listfile / inaturalist: the split files, {train: FILE, val: FILE, test: FILE}")
+    names: Union[Path, None] = Field(None, description="listfile: class names, one a line (line 1 = label 0); "
+                                     "default: the label ids")
     profile: Literal["exp", "step", "none"] = Field(
-        "exp", description="long-tail profile of the train split: exp (Cao et al. 2019), step, none (as is)")
+        "exp", description="long-tail profile of the train split: exp (Cao et al. 2019), step, none (as is); "
+        "listfile and inaturalist default to none (their lists are already long-tailed)")
     imbalance: float = Field(100.0, description="imbalance factor n_max / n_min of the train split (>= 1)")
     step_fraction: float = Field(0.5, gt=0, lt=1, description="step profile: fraction of minority classes")
     class_order: Union[Literal["index", "random"], list[int]] = Field(
@@ -53,10 +75,33 @@ class DataConfig(BaseModel):
     def _lower(cls, v: str) -> str:
         return v.strip().lower()
 
+    @model_validator(mode="after")
+    def _list_datasets(self) -> "DataConfig":
+        if self.dataset in LIST_DATASETS:
+            if "profile" not in self.model_fields_set:
+                self.profile = "none"  # keeps the published split; an explicit profile still applies
+        elif self.lists is not None or self.names is not None:
+            raise ValueError(f"data.lists and data.names are read by the datasets {', '.join(LIST_DATASETS)}, "
+                             f"not by '{self.dataset}'")
+        return self
+
     def fingerprint(self) -> dict:
-        """The settings that determine real.parquet; a run folder keeps one fingerprint."""
+        """The settings that determine real.parquet; a run folder keeps one fingerprint.
+
+        Split files count by their content (sha256), so an edited list is a new dataset."""
         d = self.model_dump(mode="json")
-        d["root"] = str(Path(self.root).resolve()) if self.root else None
+        root = Path(self.root).expanduser() if self.root else None
+        d["root"] = str(root.resolve()) if root else None
+        files = {f"lists.{k}": v for k, v in (self.lists.model_dump() if self.lists else {}).items() if v}
+        if self.names is not None:
+            files["names"] = self.names
+        for key in ("lists", "names"):  # absent for other datasets: their fingerprints stay as they were
+            if d[key] is None:
+                del d[key]
+        for key, f in files.items():
+            p = Path(f).expanduser()
+            p = p if p.is_absolute() or root is None else root / p
+            d[key] = {"path": str(p.resolve()), "sha256": file_digest(p)}
         return d
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import listfiles
 from .config import DataConfig
 from .errors import TailforgeError, unknown_name
 from .images import IMAGE_EXTS, is_image_name, open_image
@@ -307,3 +308,59 @@ def load_mini_imagenet(cfg: DataConfig) -> RawDataset:
     splits = {s: _files_split(pc, names) for s, pc in parts.items()}
     return RawDataset("mini-imagenet", names, splits, channels=3, image_size=None,
                       root=str(root.resolve()), skipped=skipped)
+
+
+# --------------------------------------------------------------------------- published split files
+def _list_files(cfg: DataConfig) -> tuple[Path, dict[str, Path]]:
+    root = _need_root(cfg)
+    if cfg.lists is None:
+        example = "train2018.json, val2018.json" if cfg.dataset == "inaturalist" else "ImageNet_LT_train.txt, ..."
+        raise TailforgeError(f"dataset '{cfg.dataset}' needs data.lists, one file per split ({example})",
+                             "--set data.lists.train=FILE --set data.lists.val=FILE --set data.lists.test=FILE")
+    files = {s: listfiles.resolve_file(root, f, f"{s} list") for s, f in cfg.lists.model_dump().items() if f}
+    if len(files) == 1:
+        raise TailforgeError(f"dataset '{cfg.dataset}' needs a val or test file besides train in data.lists",
+                             "--set data.lists.test=FILE (val is then held out of it) or data.lists.val=FILE")
+    return root, files
+
+
+def _list_dataset(name: str, root: Path, entries: dict[str, listfiles.Entries], names: list[str],
+                  cfg: DataConfig) -> RawDataset:
+    skipped: list[str] = []
+    listfiles.check_entries(root, entries, names, cfg.skip_bad, skipped)
+    splits = {s: RawSplit(labels=listfiles.label_array(e), files=e.files) for s, e in entries.items()}
+    return RawDataset(name, names, splits, channels=3, image_size=None, root=str(root.resolve()), skipped=skipped)
+
+
+@register("listfile")
+def load_listfile(cfg: DataConfig) -> RawDataset:
+    """ImageNet-LT / Places-LT split files: ``data.lists`` {train, val, test} of ``relative/path label`` lines
+    under ``data.root``; class names from ``data.names`` (one a line) or the label ids. Splits as published."""
+    root, files = _list_files(cfg)
+    entries = {s: listfiles.read_list(p) for s, p in files.items()}
+    if cfg.names is not None:
+        names = listfiles.read_names(listfiles.resolve_file(root, cfg.names, "names file"))
+    else:
+        names = [str(i) for i in range(1 + max(max(e.labels) for e in entries.values()))]
+    return _list_dataset("listfile", root, entries, names, cfg)
+
+
+@register("inaturalist")
+def load_inaturalist(cfg: DataConfig) -> RawDataset:
+    """iNaturalist 2017/2018/2021 train/val JSON under ``data.root`` (the folder their ``file_name`` paths start
+    in). Classes: the categories with train images, in sorted-id order; names from ``categories``."""
+    root, files = _list_files(cfg)
+    if cfg.names is not None:
+        raise TailforgeError("data.names is for listfile; iNaturalist's names come from its JSON `categories`",
+                             "leave data.names out")
+    read = {s: listfiles.read_inat(p) for s, p in files.items()}
+    train, cat_names = read["train"]
+    ids = sorted(set(train.labels))
+    label_of = {c: i for i, c in enumerate(ids)}
+    for s, (e, _) in read.items():
+        for k, cat in enumerate(e.labels):
+            if cat not in label_of:
+                raise TailforgeError(f"{e.at(k)}: category_id {cat} has no images in the train split {train.file}",
+                                     "every class of val/test needs train images")
+        e.labels = [label_of[c] for c in e.labels]
+    return _list_dataset("inaturalist", root, {s: e for s, (e, _) in read.items()}, [cat_names[c] for c in ids], cfg)

@@ -11,6 +11,7 @@ flows.config and train.config <-> train.losses, each had one side inside a funct
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -190,24 +191,45 @@ def copy_sources(dst: Path) -> Path:
     return dst
 
 
+def venv_on_this_environment(venv: Path, env: dict) -> tuple[Path, Path]:
+    """A venv that sees this interpreter's packages (torch & co., pip, setuptools: nothing is downloaded).
+
+    Not ``--system-site-packages``: run from inside a virtualenv, ``python -m venv`` builds on the *base*
+    interpreter, so that flag shows the base's packages, not this environment's (a fresh ``python3 -m venv``
+    with ``pip install -e '.[dev]'`` holds torch and a setuptools that builds wheels; the base may hold
+    neither). A ``.pth`` file adds this interpreter's site folders after the new venv's own instead
+    (``site.addsitedir``, so their ``.pth`` files count too). Returns (python, its site-packages)."""
+    import site
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    purelib = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  env=env, capture_output=True, text=True, check=True).stdout.strip())
+    ours = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    (purelib / "_this_environment.pth").write_text(
+        "import site; " + "; ".join(f"site.addsitedir({d!r})" for d in ours if os.path.isdir(d)) + "\n")
+    return py, purelib
+
+
 @pytest.mark.skipif(os.name == "nt", reason="venv layout (bin/) of POSIX")
 def test_a_plain_install_adds_one_import_name_and_lives_next_to_packages_named_data_and_train(tmp_path):
-    pytest.importorskip("setuptools", reason="the offline build (--no-build-isolation) needs setuptools")
+    setuptools = pytest.importorskip("setuptools", reason="the offline build (--no-build-isolation) needs "
+                                     "setuptools (`pip install -e '.[dev]'` installs it)")
+    builds_wheels = tuple(int(x) for x in setuptools.__version__.split(".")[:2]) >= (70, 1)
+    if not builds_wheels and importlib.util.find_spec("wheel") is None:  # a venv with ensurepip's setuptools
+        pytest.skip(f"this environment's setuptools {setuptools.__version__} has no bdist_wheel (70.1 has): "
+                    "`pip install -e '.[dev]'` (as `make test` does) installs one")
     (tmp_path / "src").mkdir()
     src = copy_sources(tmp_path / "src")
-    venv = tmp_path / "venv"
-    # --system-site-packages: torch & co. come from this environment, nothing is downloaded; pip too
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    py = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_REQUIRE_VIRTUALENV")}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    venv = tmp_path / "venv"
+    py, site = venv_on_this_environment(venv, env)
     build = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
                             str(src)], env=env, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stdout + build.stderr
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          env=env, capture_output=True, text=True, check=True).stdout.strip()
 
-    (dist,) = Path(site).glob("tailforge-*.dist-info")
+    (dist,) = site.glob("tailforge-*.dist-info")
     record = [line.split(",")[0] for line in (dist / "RECORD").read_text().splitlines() if line]
     top = {p.split("/")[0] for p in record if not p.startswith("..") and not p.split("/")[0].endswith(".dist-info")}
     assert top == {"tailforge"}, f"the distribution installs more than one top-level name: {sorted(top)}"
@@ -221,7 +243,7 @@ def test_a_plain_install_adds_one_import_name_and_lives_next_to_packages_named_d
         (elsewhere / name).mkdir(parents=True)
         (elsewhere / name / "__init__.py").write_text(f'WHO = "dummy {name}"\n')
     env["PYTHONPATH"] = str(elsewhere)
-    check = subprocess.run([str(py), "-c", CHECK, site], cwd=elsewhere, env=env, capture_output=True, text=True,
+    check = subprocess.run([str(py), "-c", CHECK, str(site)], cwd=elsewhere, env=env, capture_output=True, text=True,
                            timeout=300)
     assert check.returncode == 0 and check.stdout.strip() == "ok", check.stdout + check.stderr
     cli = subprocess.run([str(venv / "bin" / "tailforge"), "--help"], cwd=elsewhere, env=env, capture_output=True,
