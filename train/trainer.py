@@ -597,9 +597,9 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
                 state["best_weights"] = {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}
                 state["best_val_pred"] = vpred.astype(np.int32)  # the TensorBoard confusion matrix at the end
             state["epoch"] = epoch + 1
-            _save_state(work, ident, net, opt, sched, ema, state)
-            if writer is not None:
+            if writer is not None:  # before the state: a resume replays (and purges) what the state lacks
                 tb.write_epoch(writer, rec)
+            _save_state(work, ident, net, opt, sched, ema, state)
             if progress:
                 progress((epoch + 1) * steps, total, {"event": "epoch", **rec})
         dd.barrier()
