@@ -4,9 +4,9 @@ The embedded default config (flows/default.yaml: sklearn digits, imbalance 10, t
 batch 64) builds a run folder; its baseline trains ``--repeats`` times with ``train.tensorboard`` on and off,
 interleaved, one torch thread, each in a fresh model folder. Two numbers per training:
 
-* the time inside the TensorBoard calls (``train/tb.py``: opening the writer, one scalar row per epoch, the
-  confusion image at the end, and copying the event files into the model folder), measured directly: it
-  does not depend on how busy the machine is;
+* the time inside the TensorBoard calls (``train/tb.py``: opening the event file, one event per epoch, the
+  confusion image at the end, closing, and copying the event files into the model folder), measured
+  directly;
 * the wall time of the whole ``fit`` (epochs, validation, the model folder), on vs off: the same overhead
   seen from outside, noisy on a shared machine.
 
@@ -68,10 +68,6 @@ def main() -> None:
         run = RunDir(Path(tmp) / "digits-lt")
         build_manifest(cfg.data, run)
         measure_run(run, cfg.measure)
-        t0 = time.perf_counter()
-        import torch.utils.tensorboard  # noqa: F401  (once per process, in the first training)
-
-        import_s = time.perf_counter() - t0
         fit(run, base.model_copy(update={"epochs": 1, "tensorboard": True}), "warmup")  # imports, caches
         rows = {True: [], False: []}
         for i in range(args.repeats):
@@ -116,8 +112,6 @@ def main() -> None:
         f"- Wall time on / off: **{statistics.mean(ratio_wall):.3f}**"
         + (f" ± {statistics.stdev(ratio_wall):.3f}" if len(ratio_wall) > 1 else "")
         + " (the machine's noise is of the same size; the direct measure is the one to read).",
-        f"- Once per process: importing `torch.utils.tensorboard` takes {import_s * 1000:.0f} ms (in the first "
-        "training of a process; not in the numbers above).",
         f"- Event files of one training: {size / 1024:.0f} KiB (models/<name>/tb/).",
         "",
         "Hence TensorBoard is on by default (`track.tensorboard: true`, `train.tensorboard: true`).",

@@ -73,6 +73,24 @@ def test_every_epoch_is_in_the_event_files_sealed_with_the_model(trained):
     assert not (trained.root / "models" / ".work-baseline").exists()
 
 
+def test_confusion_image_rows_are_true_classes_from_head_to_tail():
+    from tailforge.train.tb import MAX_CLASSES_SHOWN, confusion_image
+
+    counts = [5, 50, 20]  # head: class 1, then 2, then 0
+    y = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 1, 1, 0, 0])  # class 0: half right; 1: right; 2: always "0"
+    img, order = confusion_image(y, pred, counts, side=30)
+    assert list(order) == [1, 2, 0] and img.shape == (30, 30, 3) and img.dtype == np.uint8
+    cell = lambda r, c: img[r * 10 + 5, c * 10 + 5].astype(int)  # noqa: E731  (row r, column c, 10 px cells)
+    white, blue = [247, 251, 255], [8, 48, 107]
+    assert cell(0, 0).tolist() == blue and cell(1, 2).tolist() == blue  # 1 -> 1, 2 -> 0
+    assert cell(1, 1).tolist() == white and cell(0, 2).tolist() == white
+    assert cell(2, 2).tolist() == cell(2, 0).tolist() == [128, 150, 181]  # 0: half right, half "1"
+    many = np.arange(200)
+    img, order = confusion_image(many % 100, many % 100, list(range(100, 0, -1)))  # class 99 rarest
+    assert len(order) == MAX_CLASSES_SHOWN and order[-1] == 99 and set(order) == set(range(36, 100))
+
+
 def test_tensorboard_off_writes_no_event_files_and_keeps_the_identity(digits_run_copy):
     on, off = train.TrainConfig(**FAST), train.TrainConfig(**FAST, tensorboard=False)
     assert on.identity() == off.identity()  # a switch of the writing, not of the weights
@@ -81,19 +99,33 @@ def test_tensorboard_off_writes_no_event_files_and_keeps_the_identity(digits_run
     assert check_folder(d) == []
 
 
-def test_missing_tensorboard_package_warns_once_and_trains(digits_run_copy, monkeypatch, caplog):
+def test_event_files_need_neither_tensorboard_nor_protobuf_to_write(digits_run_copy, monkeypatch):
+    for mod in ("tensorboard", "torch.utils.tensorboard", "google.protobuf"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import -> ImportError
+    d = train.fit(digits_run_copy, train.TrainConfig(**{**FAST, "epochs": 1}), "plain")
+    monkeypatch.undo()
+    assert [e.step for e in events(d / "tb").Scalars("val/balanced_acc")] == [1]
+
+
+def test_the_encoding_is_what_protobuf_and_tfrecord_write():
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
     from tailforge.train import tb
 
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import -> ImportError
-    monkeypatch.setattr(tb, "_warned", False)
-    cfg = train.TrainConfig(**{**FAST, "epochs": 1})
-    with caplog.at_level(logging.WARNING, logger="tailforge"):
-        a = train.fit(digits_run_copy, cfg, "a")
-        b = train.fit(digits_run_copy, cfg.model_copy(update={"seed": 1}), "b")
-    warnings = [r for r in caplog.records if "tensorboard is not installed" in r.getMessage()]
-    assert len(warnings) == 1
-    assert (a / "model.safetensors").exists() and (b / "model.safetensors").exists()
-    assert not (a / "tb").exists() and not (b / "tb").exists()
+    assert tb.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    s = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag="val/top1", simple_value=0.75),
+                                   summary_pb2.Summary.Value(tag="x", simple_value=-2.5)])
+    want = event_pb2.Event(wall_time=1.5, step=300, summary=s).SerializeToString()
+    got = tb.event(300, summary=tb.scalar_value("val/top1", 0.75) + tb.scalar_value("x", -2.5), wall_time=1.5)
+    assert got == want
+    start = event_pb2.Event(wall_time=2.0, step=4, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+    assert tb.event(4, session_start=True, wall_time=2.0) == start.SerializeToString()
+    img = summary_pb2.Summary.Image(height=3, width=5, colorspace=3, encoded_image_string=b"\x89PNG")
+    want = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag="im", image=img)]).SerializeToString()
+    assert tb.image_value("im", b"\x89PNG", 3, 5) == want
+    parsed = summary_pb2.Summary.FromString(tb.text_value("t", "a, b"))
+    assert parsed.value[0].metadata.plugin_data.plugin_name == "text"
+    assert parsed.value[0].tensor.string_val == [b"a, b"] and parsed.value[0].tensor.dtype == 7
 
 
 def test_a_resumed_training_has_each_epoch_once(digits_run_copy):

@@ -163,8 +163,8 @@ class TrainConfig(BaseModel):
     resume: bool = Field(True, description="continue an interrupted training of the same name and config")
     overwrite: bool = Field(False, description="replace a finished model of the same name trained with other settings")
     tensorboard: bool = Field(True, description="write TensorBoard event files (loss, lr, val metrics each epoch; the "
-                              "val confusion matrix at the end) into models/<name>/tb/ (needs the tensorboard package; "
-                              "without it: one warning)")
+                              "val confusion matrix at the end) into models/<name>/tb/ (viewing them needs the "
+                              "tensorboard package: `tensorboard --logdir RUN/models`)")
 
     @field_validator("model", "loss", "sampler")
     @classmethod
