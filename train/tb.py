@@ -207,15 +207,15 @@ def write_confusion(writer, y: np.ndarray, pred: np.ndarray, class_names: list[s
     Classes are ordered from most to least frequent in train; past ``MAX_CLASSES_SHOWN`` classes only the
     rarest are shown (their rows still normalised by every val image of the class). Drawn with numpy, not
     matplotlib: a figure took ~0.5 s, more than an epoch of the default run."""
+    from PIL import Image
+
     try:
         img, order = confusion_image(y, pred, train_counts)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
     except Exception as exc:  # a picture is a bonus: never lose a finished training to it
         log.warning("TensorBoard confusion matrix skipped: %s", exc)
         return
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
     shown = "the rarest " if len(order) < len(train_counts) else ""
     text = (f"epoch {epoch} (selected on val); {shown}{len(order)} of {len(train_counts)} classes, head to tail: "
             + ", ".join(str(class_names[i]) for i in order))
