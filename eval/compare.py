@@ -16,6 +16,7 @@ from tailforge.data.errors import TailforgeError, unknown_name
 from tailforge.data.run import RunDir
 
 from .config import CompareConfig
+from .track import curves_line
 
 SEED_SUFFIX = re.compile(r"[-_](s|seed)\d+$")
 
@@ -127,6 +128,7 @@ def compare(items, names=None, *, baseline: str | None = None, split: str | None
             result["verdict"] = v
             result["markdown"] = v["markdown"] + "\n" + result["markdown"]
     out = Path(out_dir) if out_dir else Path(evals[0]["run"]) / "eval"
+    result["markdown"] += curves_line(out)  # where the training curves are (eval/tracking.json), when known
     write_json(out / "compare.json", result)
     write_text(out / "report.md", result["markdown"])
     result["written"] = [str(out / "compare.json"), str(out / "report.md")]

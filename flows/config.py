@@ -8,12 +8,13 @@ the settings that produced the outputs already there (``check_run_folder``).
 from __future__ import annotations
 
 import importlib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tailforge.data import DataConfig, MeasureConfig, RunDir, TailforgeError
 from tailforge.data.errors import did_you_mean
@@ -101,6 +102,34 @@ class RunnerConfig(BaseModel):
     shard_retries: int = Field(2, ge=0, description="retries of a failed generation shard")
 
 
+class TrackConfig(BaseModel):
+    """Where training curves and results go besides the run folder and Prefect (docs/tracking.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensorboard: bool = Field(True, description="TensorBoard event files of every trained model in "
+                              "models/<name>/tb/ (loss, lr, val metrics each epoch; the val confusion matrix)")
+    mlflow: Union[str, None] = Field(
+        None, description="log the benchmark to MLflow: null (off); local (a store inside the run folder, "
+        "<run>/mlruns/mlflow.db); or a tracking URI (http://host:5000, sqlite:////abs/mlflow.db, databricks). "
+        "One parent run per flow run, one child run per trained model. Needs `pip install 'tailforge[track]'`")
+    experiment: str = Field("tailforge", min_length=1, description="MLflow experiment of the runs")
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _uri(cls, v):
+        if v is None or v is False:
+            return None
+        v = str(v).strip()
+        if v.lower() in ("", "null", "none", "off"):
+            return None
+        if v.lower() == "local" or v == "databricks" or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", v) or \
+                v.startswith("databricks://"):
+            return "local" if v.lower() == "local" else v
+        raise ValueError(f"'{v}' is not an MLflow tracking URI: use local (a store inside the run folder), or a URI "
+                         "such as http://host:5000 or sqlite:////abs/path/mlflow.db")
+
+
 FEATURE_GENERATORS = ("featdict", "featcov", "fdiff")  # generators whose samples are feature vectors
 
 
@@ -176,6 +205,8 @@ class RunConfig(BaseModel):
     oracle: str = Field("oracle", description="model name of the recipe trained on real + the long tail's held-back "
                         "real train images (a perfect generator: compare.oracle)")
     runner: RunnerConfig = Field(default_factory=RunnerConfig, description="task runner")
+    track: TrackConfig = Field(default_factory=TrackConfig, description="TensorBoard and MLflow (where the "
+                               "curves and results also go; eval/tracking.json says where)")
 
     @property
     def run_dir(self) -> RunDir:
@@ -250,6 +281,13 @@ class RunConfig(BaseModel):
         if getattr(self.filter, "model", "x") is None and self.crt_base != self.baseline:
             return self.filter.model_copy(update={"model": self.crt_base})
         return self.filter
+
+    @model_validator(mode="after")
+    def _track(self) -> "RunConfig":
+        """``track.tensorboard: false`` turns the event files off for every model the run trains."""
+        if not self.track.tensorboard and getattr(self.train, "tensorboard", False):
+            self.train = _with(self.train, tensorboard=False)
+        return self
 
     @model_validator(mode="after")
     def _routable(self) -> "RunConfig":
@@ -373,7 +411,7 @@ OUTPUTS = {
 }
 # settings that never change results: they may differ between runs on one folder
 NEUTRAL = {"device", "resume", "overwrite", "eval_batch_size", "batch_size_eval", "workers", "num_workers", "ddp",
-           "nproc"}
+           "nproc", "tensorboard"}
 
 
 def _diff(old: Any, new: Any, path: str) -> list[str]:

@@ -25,7 +25,8 @@ from .env import prefect_env
 from .config import (FilterConfig, GenerateConfig, PlanConfig, RunConfig, RunnerConfig, TrainConfig,
                      check_run_folder, load_config, write_config)
 from .tasks import (ProgressArtifact, artifact_key, collect_task, compare_task, evaluate_task, filter_task, forget_generators,
-                    generate_shard_task, headroom_task, measure_task, plan_task, prepare_generator_task, train_task)
+                    generate_shard_task, headroom_task, measure_task, plan_task, prepare_generator_task, track_task,
+                    train_task)
 
 # The flows' default parameter: the embedded digits config (flows/default.yaml), so a deployment run
 # or a UI run with no parameters does what `tailforge run` does.
@@ -189,6 +190,7 @@ def _benchmark_steps(cfg: RunConfig) -> dict:
     """Three arms on one split, seed, architecture and budget: baseline (real, `train` as given),
     real-only (the recipe on real data) and rebalanced (the recipe on real + synthetic data); a fourth,
     oracle (the recipe on real + the held-back real tail images), where the run made its long tail."""
+    _check_tracking(cfg)
     out = _rebalance_steps(cfg)
     run, split = cfg.run, cfg.eval_split
     logger = get_run_logger()
@@ -209,14 +211,34 @@ def _benchmark_steps(cfg: RunConfig) -> dict:
         out["headroom"] = {k: hr[k] for k in ("room", "low", "high")}
         logger.info("estimated room (headroom, from train and val): %+.1f [%+.1f, %+.1f] points", hr["room"],
                     hr["low"], hr["high"])
+    uri = _write_tracking(cfg)  # before the report, whose last line names the curves
     report = call(compare_task, run, names, cfg.real_only, split, cfg.compare, (cfg.real_only, cfg.rebalanced),
                   cfg.oracle if why is None else None, why)
     out["report"] = str(Path(report).resolve())
+    if uri:  # every trained model of the run, from its files (eval/track.py)
+        out["mlflow"] = call(track_task, run, uri, cfg.track.experiment, cfg.model_dump(mode="json"))
     m = out["metrics"]
     logger.info("balanced accuracy (%s split): %s", split,
                 ", ".join(f"{n} {m[n]['balanced_acc']:.4f}" for n in names))
     logger.info("report: %s", out["report"])
     return out
+
+
+def _check_tracking(cfg: RunConfig) -> None:
+    """MLflow asked for but missing: one line before any work."""
+    if cfg.track.mlflow:
+        from tailforge.eval.track import require_mlflow
+
+        require_mlflow()
+
+
+def _write_tracking(cfg: RunConfig) -> str | None:
+    """eval/tracking.json: the MLflow URI (or null) and the TensorBoard folders of the run's models."""
+    from tailforge.eval.track import tracking_uri, write_tracking
+
+    uri = tracking_uri(cfg.run_dir, cfg.track.mlflow)
+    write_tracking(cfg.run_dir, uri)
+    return uri
 
 
 @flow(name="measure", description="Build the real manifest and measure class frequencies.", **FLOW_OPTS)
@@ -279,5 +301,6 @@ def run_flow(cfg: RunConfig, which: str = "benchmark") -> dict:
     """Run ``rebalance`` or ``benchmark`` with the task runner the config asks for."""
     prefect_env()
     check_run_folder(cfg)  # before Prefect starts: a contradicting config costs nothing
+    _check_tracking(cfg)
     fl = FLOWS[which].with_options(task_runner=make_runner(cfg.runner))
     return fl(config=cfg)

@@ -502,7 +502,8 @@ def compare_task(run: str, names: list[str], baseline: str, split: str, compare_
     cfg = (compare_cfg or CompareConfig()).model_copy(update={"split": split, "baseline": baseline})
     report = r.eval_dir / "report.md"
     key = settings_key(names, cfg.model_dump(mode="json"), list(lead or []), oracle, why_no_oracle,
-                       [_file_key(r.eval_dir / f"{n}-{split}.json") for n in names], _file_key(r.eval_dir / "headroom.json"))
+                       [_file_key(r.eval_dir / f"{n}-{split}.json") for n in names], _file_key(r.eval_dir / "headroom.json"),
+                       _file_key(r.eval_dir / "tracking.json"))  # the report's last line names the curves
     if is_done(r, "compare", key, [report]):
         return cached("compare", r, str(report))
     ev.compare(r, list(names), cfg=cfg, out_dir=r.eval_dir, lead=tuple(lead) if lead else None, oracle=oracle,
@@ -546,3 +547,27 @@ def publish_report(run: RunDir) -> None:
     text = re.sub(r"!\[([^\]]*)\]\((?!data:|https?:)([^)]+)\)", embed, text)
     markdown(artifact_key(run, "report"), text + f"\n\n_report file: `{report.resolve()}`_\n",
              "baseline, real-only and rebalanced: the comparison report")
+
+
+# --------------------------------------------------------------------------- tracking
+
+@task(name="mlflow", cache_policy=NONE, task_run_name="mlflow {run}")
+def track_task(run: str, uri: str, experiment: str, config: dict) -> dict:
+    """The run folder in MLflow (eval/track.py): a parent run for this flow run, a child run per trained model.
+    Cached when a finished parent run with the same content is already there."""
+    from tailforge.eval.track import log_mlflow
+
+    r = RunDir(run)
+    tags = {}
+    try:
+        from prefect.runtime import flow_run
+
+        tags["prefect.flow_run_id"] = str(flow_run.id or "")
+    except Exception:  # outside a flow run: no tag
+        pass
+    out = log_mlflow(r, uri, config, experiment, tags={k: v for k, v in tags.items() if v})
+    if out["cached"]:
+        return cached("mlflow", r, out)
+    get_run_logger().info("mlflow: parent run %s with %d child runs (%s) in %s", out["parent"], len(out["children"]),
+                          ", ".join(out["children"]), uri)
+    return out

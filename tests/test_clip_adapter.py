@@ -74,7 +74,7 @@ def test_adapter_trains_on_cached_features_saves_the_blend_and_loads_for_eval(ad
     run = adapted
     d = run.model_dir("clip")
     assert {p.name for p in d.iterdir()} == {"model.safetensors", "config.json", "log.jsonl", "best.json",
-                                             ".integrity.json"}
+                                             ".integrity.json", "tb"}
     from safetensors.torch import load_file
 
     weights = load_file(str(d / "model.safetensors"))  # the adapter, not the CLIP tower: a few KB

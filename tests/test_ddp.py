@@ -140,7 +140,8 @@ def test_two_cpu_processes_train_a_good_model_written_by_rank0_only(digits_run_c
     # outputs: one complete model folder, nothing half-written or left over
     assert sorted(p.name for p in (run.root / "models").iterdir()) == ["ddp"]
     assert sorted(p.name for p in path.iterdir()) == [".integrity.json", "best.json", "config.json", "log.jsonl",
-                                                      "model.safetensors"]
+                                                      "model.safetensors", "tb"]
+    assert len(list((path / "tb").iterdir())) == 1  # one event file: rank 0's
     log = [json.loads(x) for x in (path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == list(range(1, cfg.epochs + 1))
     assert log[-1]["train_loss"] < log[0]["train_loss"]

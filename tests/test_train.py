@@ -109,7 +109,7 @@ def test_fit_with_each_sampler_lowers_loss(digits_run_copy, sampler):
 def test_fit_outputs_and_inference(trained):
     d = trained.model_dir("base")
     assert {p.name for p in d.iterdir()} == {"model.safetensors", "config.json", "log.jsonl", "best.json",
-                                             ".integrity.json"}  # the folder's record of its files
+                                             ".integrity.json", "tb"}  # the folder's record of its files
     log = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
     best = json.loads((d / "best.json").read_text())
     assert best["split"] == "val"

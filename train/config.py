@@ -170,6 +170,9 @@ class TrainConfig(BaseModel):
                                     "with --device cpu, nproc > 1 runs N CPU processes over gloo (for testing)")
     resume: bool = Field(True, description="continue an interrupted training of the same name and config")
     overwrite: bool = Field(False, description="replace a finished model of the same name trained with other settings")
+    tensorboard: bool = Field(True, description="write TensorBoard event files (loss, lr, val metrics each epoch; the "
+                              "val confusion matrix at the end) into models/<name>/tb/ (viewing them needs the "
+                              "tensorboard package: `tensorboard --logdir RUN/models`)")
 
     @field_validator("model", "loss", "sampler")
     @classmethod
@@ -200,7 +203,7 @@ class TrainConfig(BaseModel):
     def identity(self) -> dict:
         """The settings that determine the trained weights (resume/skip compare these)."""
         d = self.model_dump(mode="json")
-        for k in ("resume", "overwrite", "device", "eval_batch_size", "ddp", "nproc"):
+        for k in ("resume", "overwrite", "device", "eval_batch_size", "ddp", "nproc", "tensorboard"):
             d.pop(k, None)
         if self.loss == "ldam_drw":  # the resolved default, so a changed default is not served from disk
             d["drw_epoch"] = drw_start(self)

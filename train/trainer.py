@@ -38,6 +38,7 @@ from .losses import LOSSES, build_loss, kd_loss, supcon
 from .models import MODELS, TIMM_MODELS, create_model, find_weights, load_pretrained, make_head, param_groups, \
     pretrained_arch, pretrained_norm
 from .samplers import SAMPLERS, epoch_indices, shard_indices
+from . import tb
 
 STATE = "state.pt"
 log = logging.getLogger("tailforge")
@@ -516,13 +517,15 @@ def fit(run: RunDir, cfg: TrainConfig, name: str, progress=None) -> Path:
     if done is not None:
         return done
     dd, dev = init_distributed(cfg)
+    curves = tb.Curves()
     try:
-        return _fit(run, cfg, name, dd, dev, progress)
+        return _fit(run, cfg, name, dd, dev, progress, curves)
     finally:
+        curves.close()  # also when training fails: the events so far stay readable, no open file is left
         dd.close()
 
 
-def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, progress) -> Path:
+def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, progress, curves: tb.Curves) -> Path:
     final = run.model_dir(name)
     ident = {**cfg.identity(), "_data": data_fingerprint(run, cfg)}  # a state of other data is not resumed
     work = run.root / "models" / f".work-{name}"
@@ -563,6 +566,7 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
         if not (cfg.resume and start > 0):
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
+    writer = curves.open(work / tb.FOLDER, start + 1) if dd.main and cfg.tensorboard else None
     frozen = transfer and start < cfg.transfer.freeze_epochs
     if transfer:
         model.backbone.requires_grad_(not frozen)  # before DDP sees the parameters it must synchronise
@@ -639,7 +643,10 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
                 state["best"] = {"epoch": epoch + 1, "val_balanced_acc": rec["val_balanced_acc"],
                                  "val_top1": rec["val_top1"], "split": "val"}
                 state["best_weights"] = {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}
+                state["best_val_pred"] = vpred.astype(np.int32)  # the TensorBoard confusion matrix at the end
             state["epoch"] = epoch + 1
+            if writer is not None:  # before the state: a resume replays (and purges) what the state lacks
+                tb.write_epoch(writer, rec)
             _save_state(work, ident, net, opt, sched, ema, state)
             if progress:
                 progress((epoch + 1) * steps, total, {"event": "epoch", **rec})
@@ -657,7 +664,13 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
                      "device": str(dev), "best_epoch": state["best"]["epoch"]})
         if dd.world > 1 or dd.owns_group:
             meta["ddp_world_size"] = dd.world
-        _write_model(final, model, cfg, meta, state, ident["_data"])
+        if writer is not None:
+            if state.get("best_val_pred") is not None:
+                tb.write_confusion(writer, val_y, state["best_val_pred"], meta["class_names"], meta["train_counts"],
+                                   state["best"]["epoch"])
+            curves.close()
+        _write_model(final, model, cfg, meta, state, ident["_data"],
+                     work / tb.FOLDER if writer is not None else None)
         shutil.rmtree(work, ignore_errors=True)
     dd.barrier()  # the model folder is complete before any rank returns it
     return final
@@ -706,7 +719,10 @@ def _save_state(work: Path, ident: dict, net, opt, sched, ema, state: dict) -> N
     write_text(work / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state["log"]))
 
 
-def _write_model(final: Path, model, cfg: TrainConfig, meta: dict, state: dict, data: str | None = None) -> None:
+def _write_model(final: Path, model, cfg: TrainConfig, meta: dict, state: dict, data: str | None = None,
+                 tb_folder: Path | None = None) -> None:
+    """``models/<name>/`` atomically: weights, config (with the training data's fingerprint ``data``), log, best
+    epoch and the TensorBoard events (``tb_folder``)."""
     from safetensors.torch import save_file
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -716,6 +732,8 @@ def _write_model(final: Path, model, cfg: TrainConfig, meta: dict, state: dict, 
                                          "data": data, "meta": meta})
         write_text(tmp / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state["log"]))
         write_json(tmp / "best.json", state["best"])
+        if tb_folder is not None and tb_folder.is_dir():
+            shutil.copytree(tb_folder, tmp / tb.FOLDER)  # sealed with the rest by atomic_dir
 
 
 __all__ = ["fit", "finished", "training_table", "build_from_meta", "init_distributed", "dist_env"]
