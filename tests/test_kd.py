@@ -169,6 +169,20 @@ def test_cli_trains_a_smaller_dkd_student(taught, capsys):
     log = [json.loads(x) for x in (path / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and np.isfinite([r["train_loss"] for r in log]).all()
     assert json.loads((path / "best.json").read_text())["val_balanced_acc"] > 0.3  # 10 classes: chance is 0.1
+    # the classify page's "compare all" shows the teacher and its student side by side, the student labelled
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from tailforge.data import read_manifest
+    from tailforge.flows.serve import create_app
+
+    client = TestClient(create_app(taught.root))
+    info = {m["name"]: m["details"] for m in client.get("/api/models").json()}
+    assert info["dkd"]["teacher"] == "teacher" and info["dkd"]["kd"] == "dkd" and "teacher" not in info["teacher"]
+    df = read_manifest(taught.real)
+    sample = df[df["split"] == "test"].iloc[0]["sample_id"]
+    res = client.post("/api/predict", data={"sample_id": sample, "model": "all"}).json()["results"]
+    assert {"teacher", "dkd"} <= {r["model"] for r in res}
 
 
 def test_fit_with_patch_and_group_weights_leaves_the_teacher_alone(taught):
