@@ -68,8 +68,11 @@ def test_dkd_matches_hand_computed_values():
         nt = [p / (1 - pt[y]) for k, p in enumerate(pt) if k != y]
         expected.append(temp ** 2 * (alpha * tckd + beta * kl(nt, ns)))
     fn = build_kd(_cfg(kd="dkd", kd_dkd_alpha=alpha, kd_dkd_beta=beta, kd_temperature=temp), [5, 5, 5])
-    got = fn(torch.tensor(S), torch.tensor(T), torch.tensor(Y))
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+    student = torch.tensor(S, requires_grad=True)
+    got = fn(student, torch.tensor(T), torch.tensor(Y))
+    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-5)
+    got.sum().backward()  # the masked target class leaves no NaN in the gradient
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
     # DKD's decomposition: KD = TCKD + (1 - p_t,y) NCKD, so alpha 1, beta 1 - p_t,y gives Hinton's KD back
     pty = softmax(T[0], temp)[Y[0]]
     one = build_kd(_cfg(kd="dkd", kd_dkd_alpha=1.0, kd_dkd_beta=1 - pty, kd_temperature=temp), [5, 5, 5])
