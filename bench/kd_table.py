@@ -23,6 +23,10 @@ Fashion-MNIST-LT (imbalance factor 100, Debian's Fashion-MNIST), the product's s
                  labels, the tail on the (class-balanced) teacher
   ``kd-patch``   --kd hinton --kd-patch 1 (16 random 1x1 locations of the last feature map per image)
 
+Each student trains in its own run folder (``<run>-<arm>``: the data, split, counts and teacher linked from
+``<run>``), so arms can train in parallel processes (``--arms`` one each; a last pass with every arm only
+evaluates and writes the table).
+
 No setting was tuned (CPU): the defaults are the papers'; the epoch of every model is chosen on VAL by
 the trainer; TEST is reported. Every model is evaluated on VAL and TEST.
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -91,9 +96,33 @@ def teacher(rd: Path, seed: int, config: str, log: Path):
     return cfg
 
 
+def arm_folder(rd: Path, name: str) -> Path:
+    """The run folder of student ``name``: ``rd`` itself when trained there, else its own linked copy."""
+    return rd if (rd / "models" / name / "model.safetensors").exists() else rd.parent / f"{rd.name}-{name}"
+
+
+def linked_copy(rd: Path, dst: Path) -> None:
+    """A run folder sharing ``rd``'s data, split, counts and teacher through symlinks, with its own models/ and
+    eval/: arms train in parallel (a run folder takes one `tailforge train` at a time)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in rd.iterdir():
+        if p.name.startswith(".") or p.name in ("models", "eval", "config.yaml") or (dst / p.name).exists():
+            continue
+        (dst / p.name).symlink_to(p.resolve())
+    if not (dst / "config.yaml").exists():
+        shutil.copy(rd / "config.yaml", dst / "config.yaml")
+    (dst / "models").mkdir(exist_ok=True)
+    for name in ("backbone", "real-only"):
+        if not (dst / "models" / name).exists():
+            (dst / "models" / name).symlink_to((rd / "models" / name).resolve())
+
+
 def student(rd: Path, name: str, extra: list[str], log: Path) -> None:
-    if (rd / "models" / name / "model.safetensors").exists():
+    if (arm_folder(rd, name) / "models" / name / "model.safetensors").exists():
         return
+    own = rd.parent / f"{rd.name}-{name}"
+    linked_copy(rd, own)
+    rd = own
     t0 = time.time()
     sh([TAILFORGE, "train", "--run", str(rd), "--config", str(rd / "config.yaml"), "--name", name,
         "--teacher", "real-only", "--sampler", "class_balanced", "--epoch-samples", "real", *extra], log)
@@ -105,8 +134,9 @@ def evaluate_all(rd: Path, names: list[str]) -> dict:
     from tailforge.eval import evaluate
     from tailforge.eval.config import EvalConfig
 
-    run, out = RunDir(rd), {}
+    out = {}
     for name in names:
+        run = RunDir(arm_folder(rd, name))
         if not (run.model_dir(name) / "model.safetensors").exists():
             continue
         for split in ("val", "test"):
