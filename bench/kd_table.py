@@ -203,6 +203,39 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def curves(rd: Path) -> dict:
+    """Per model of seed folder ``rd``: the VAL balanced accuracy of every finished epoch (finished models'
+    log.jsonl, or the resumable state's log of a training still running)."""
+    out = {}
+    for name in ORDER:
+        base = arm_folder(rd, name) / "models"
+        for log in (base / name / "log.jsonl", base / f".work-{name}" / "log.jsonl"):
+            if log.exists():
+                out[name] = [json.loads(x)["val_balanced_acc"] for x in log.read_text().splitlines() if x.strip()]
+                break
+    return out
+
+
+def partial_table(work: Path, seeds: list[int]) -> str:
+    lines = ["# KD table, trainings still running: VAL balanced accuracy by epoch", "",
+             "Made by `bench/kd_table.py --partial` from the models' logs while the students were still training "
+             "(the machine's 2 cores were shared by ~35 runnable processes). VAL split only, no TEST, no verdict. "
+             "Every student and `backbone` follow the same 20-epoch cosine schedule with the same steps per epoch, "
+             "so the same epoch is the same point of training; `real-only` is the teacher (its cRT head's epochs).",
+             ""]
+    for seed in seeds:
+        cur = curves(work / f"fmnist-if100-s{seed}")
+        if not cur:
+            continue
+        n = max(len(v) for v in cur.values())
+        lines += [f"## seed {seed}", "", "| model | epochs done | " + " | ".join(f"ep {e + 1}" for e in range(n)) + " |",
+                  "|---|---|" + "---|" * n]
+        for name, v in cur.items():
+            lines.append(f"| {name} | {len(v)} | " + " | ".join(f"{100 * x:.2f}" for x in v) + " |" * (n - len(v) + 1))
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "flows/recipes/small-images.yaml"))
@@ -210,7 +243,14 @@ def main(argv=None):
     ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--work", default="runs/bench-kd")
     ap.add_argument("--out", default=str(ROOT / "bench/results/kd_table"))
+    ap.add_argument("--partial", action="store_true", help="only write <out>_partial.md: VAL curves of the "
+                    "trainings so far (from their logs), while they still run")
     a = ap.parse_args(argv)
+    if a.partial:
+        from tailforge.data.atomic import write_text
+
+        write_text(Path(a.out + "_partial.md"), partial_table(Path(a.work), a.seeds))
+        return 0
     import torch
 
     from tailforge.data.atomic import write_text
