@@ -170,8 +170,8 @@ class RecipeConfig(BaseModel):
         for k in ("loss", "sampler", "epochs", "lr"):
             if getattr(self, k) is not None:
                 upd[k] = getattr(self, k)
-        if self.stage == "crt":
-            upd["teacher"] = None
+        if self.stage == "crt":  # no distillation in a cRT head (its settings would need a teacher)
+            upd.update(teacher=None, kd=None, kd_patch=0.0, kd_group_weights=None)
         return _with(train, **upd)
 
 

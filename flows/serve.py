@@ -307,6 +307,8 @@ class RunState:
         if isinstance(tcfg, dict):
             details.update({k: tcfg[k] for k in ("loss", "sampler", "epochs", "steps", "synthetic_weight")
                             if k in tcfg and isinstance(tcfg[k], (str, int, float, bool))})
+            if isinstance(tcfg.get("teacher"), str):  # a distilled student: shown next to its teacher
+                details.update(teacher=tcfg["teacher"], kd=tcfg.get("kd") or "hinton")
         best = _read_json(d / "best.json")
         details.update({f"best_{k}": v for k, v in best.items() if isinstance(v, (int, float, str)) and
                         not isinstance(v, bool)})

@@ -4,6 +4,7 @@ Plain pydantic, no torch import, so the CLI can build ``--help`` fast.
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Literal, Union
 
@@ -153,6 +154,23 @@ class TrainConfig(BaseModel):
                                       "model folder)")
     kd_temperature: float = Field(4.0, gt=0, description="distillation temperature")
     kd_alpha: float = Field(0.5, ge=0, le=1, description="distillation: weight of the KD term (1-alpha on the task loss)")
+    # distillation for the long tail (train/kd.py has the sources and the formulas)
+    kd: Union[str, None] = Field(None, description="distillation loss (needs --teacher): hinton (Hinton et al. 2015; "
+                                 "the default with a teacher), bkd (balanced KD, Zhang et al. 2021: class-balanced "
+                                 "re-weighted KD term), dkd (decoupled KD, Zhao et al. 2022: target + non-target terms)")
+    kd_dkd_alpha: float = Field(1.0, ge=0, description="dkd: weight of the target-class term TCKD (mdistiller: 1)")
+    kd_dkd_beta: float = Field(8.0, ge=0, description="dkd: weight of the non-target-class term NCKD (mdistiller: 8)")
+    kd_warmup: Union[float, None] = Field(None, ge=0, description="epochs of a linear warm-up of the KD term (default: "
+                                          "dkd 20/240 of the epochs, as mdistiller's 20 of 240; others 0)")
+    kd_group_weights: Union[dict[str, float], None] = Field(
+        None, description="KD weight per group of the sample's TRUE class (counts.json: many/medium/few), e.g. "
+        "'{many: 0.3, medium: 0.7, few: 0.9}'; the task loss gets 1 - that; a group not given gets kd_alpha")
+    kd_patch: float = Field(0.0, ge=0, description="weight of patch-level feature distillation (0 = off; needs "
+                            "--teacher): the student's projected last feature map matches the teacher's at random "
+                            "locations; locations that look like another group's classes count less")
+    kd_patch_count: int = Field(16, ge=1, description="kd_patch: random feature-map locations per image")
+    kd_patch_size: int = Field(1, ge=1, description="kd_patch: side of the (average-pooled) window at each location, "
+                               "in feature-map cells")
     # pretrained models
     transfer: TransferOptions = Field(default_factory=TransferOptions, description="two-phase transfer learning of a "
                                       "--pretrained backbone: freeze_epochs (head only), then everything with the "
@@ -174,7 +192,7 @@ class TrainConfig(BaseModel):
                               "val confusion matrix at the end) into models/<name>/tb/ (viewing them needs the "
                               "tensorboard package: `tensorboard --logdir RUN/models`)")
 
-    @field_validator("model", "loss", "sampler")
+    @field_validator("model", "loss", "sampler", "kd")
     @classmethod
     def _lower(cls, v: str) -> str:
         return v.strip().lower().replace("-", "_") if v else v
@@ -195,6 +213,20 @@ class TrainConfig(BaseModel):
             if self.transfer.freeze_epochs > 0 and self.pretrained is None:
                 raise ValueError("transfer.freeze_epochs trains a head on a frozen backbone, which needs pretrained "
                                  "weights: pass --pretrained FILE_OR_DIR (local timm/torchvision weights)")
+        if not self.teacher:
+            given = [k for k, on in (("kd", self.kd is not None), ("kd_patch", self.kd_patch > 0),
+                                     ("kd_group_weights", self.kd_group_weights is not None)) if on]
+            if given:
+                raise ValueError(f"{given[0]} distils a teacher, but no teacher is given: pass --teacher MODEL "
+                                 f"(a model of this run or a model folder), or drop {given[0]}")
+        if self.kd_group_weights is not None:
+            for g, v in self.kd_group_weights.items():
+                if g not in ("many", "medium", "few"):
+                    close = difflib.get_close_matches(str(g), ["many", "medium", "few"], n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise ValueError(f"kd_group_weights: unknown group '{g}'{hint}; the groups are many, medium, few")
+                if not 0 <= v <= 1:
+                    raise ValueError(f"kd_group_weights: the weight of {g} is {v}; a KD weight is in [0, 1]")
         if self.model == CLIP_ADAPTER and self.stage == "full" and self.teacher:
             raise ValueError("clip_adapter trains a head on frozen CLIP features; distillation (teacher) needs "
                              "a full model: drop teacher")
@@ -214,6 +246,9 @@ class TrainConfig(BaseModel):
         for k, default in LATER_FIELDS.items():  # at their default: the identity of models trained before them
             if d.get(k) == default:
                 d.pop(k, None)
+        for k in KD_FIELDS:  # at their defaults: models trained before these options existed keep their identity
+            if d[k] == type(self).model_fields[k].default:
+                d.pop(k)
         return d
 
 
@@ -222,6 +257,8 @@ LATER_FIELDS = {"synthetic_source": None, "tail_fraction": 1.0}
 
 
 CLIP_ADAPTER = "clip_adapter"
+KD_FIELDS = ("kd", "kd_dkd_alpha", "kd_dkd_beta", "kd_warmup", "kd_group_weights", "kd_patch", "kd_patch_count",
+             "kd_patch_size")
 
 
 def drw_start(cfg: TrainConfig) -> int:

@@ -46,6 +46,10 @@ class TinyNet(nn.Module):
     def forward(self, x):
         return self.body(x)
 
+    def feature_map(self, x):
+        """The last conv block's output (N, 4w, H/4, W/4); ``forward`` is its spatial mean."""
+        return self.body[:-2](x)
+
 
 class BasicBlock(nn.Module):
     def __init__(self, i: int, o: int, stride: int):
@@ -84,7 +88,11 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
-        return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
+        return F.adaptive_avg_pool2d(self.feature_map(x), 1).flatten(1)
+
+    def feature_map(self, x):
+        """The last stage's output (N, 4w, H/4, W/4); ``forward`` is its spatial mean."""
+        return self.layers(self.stem(x))
 
 
 class CosineHead(nn.Module):
@@ -112,12 +120,34 @@ class Classifier(nn.Module):
         self.head = make_head(head, feature_dim, num_classes, scale)
 
     def forward_features(self, x):
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        return self.backbone(x)
+        return self.backbone(self._resize(x))
 
     def forward_head(self, f):
         return self.head(f)
+
+    def _resize(self, x):
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return x
+
+    def feature_map(self, x):
+        """The backbone's last feature map (N, C, h, w), for feature distillation; ``pool_map`` of it is
+        ``forward_features(x)``. Raises NotImplementedError for a backbone without one (a ViT's tokens)."""
+        x = self._resize(x)
+        own = getattr(self.backbone, "feature_map", None)
+        if own is not None:
+            return own(x)
+        if hasattr(self.backbone, "forward_features") and hasattr(self.backbone, "forward_head"):  # timm CNNs
+            out = self.backbone.forward_features(x)
+            if out.ndim == 4 and getattr(self.backbone, "global_pool", None) is not None:
+                return out
+        raise NotImplementedError(f"{type(self.backbone).__name__} gives no feature map")
+
+    def pool_map(self, fmap):
+        """Pooled features (N, D) of a ``feature_map`` output: what ``forward_features`` returns."""
+        if hasattr(self.backbone, "feature_map"):
+            return fmap.mean((2, 3))
+        return self.backbone.forward_head(fmap)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))

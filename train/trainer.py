@@ -28,13 +28,16 @@ from tailforge.data.errors import TailforgeError, unknown_name
 from tailforge.data.integrity import folder_ok
 from tailforge.data.images import load_images, load_npy
 from tailforge.data.manifest import is_feature, read_manifest, train_rows
+from tailforge.data.measure import ClassStats
 from tailforge.data.run import RunDir
 
 from .augment import augment, mix
 from .checkpoint import build_from_meta, embed, load_model, resolve_device
 from .clip import ClipAdapter, adapter_for_run, base_features, check_folder
 from .config import CLIP_ADAPTER, TrainConfig
-from .losses import LOSSES, build_loss, kd_loss, supcon
+from .kd import KD_LOSSES, build_kd, class_prototypes, feature_map_or_error, group_alpha, kd_warmup_epochs, mix_kd, \
+    PatchKD
+from .losses import LOSSES, build_loss, supcon
 from .models import MODELS, TIMM_MODELS, create_model, find_weights, load_pretrained, make_head, param_groups, \
     pretrained_arch, pretrained_norm
 from .samplers import SAMPLERS, epoch_indices, shard_indices
@@ -153,6 +156,7 @@ class ImageTask:
         self.mean = torch.tensor(meta["mean"], device=dev).view(1, -1, 1, 1)
         self.std = torch.tensor(meta["std"], device=dev).view(1, -1, 1, 1)
         self.channels_last = dev.type == "cuda" and cfg.amp
+        self.patch = None  # PatchKD (train/kd.py) when cfg.kd_patch > 0
 
     @property
     def net(self) -> nn.Module:
@@ -169,15 +173,49 @@ class ImageTask:
         x = (x01 - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.patch is not None:  # patch distillation: the feature map too (inside DDP's forward)
+            fmap = net.feature_map(x)
+            f = net.pool_map(fmap)
+            return net.forward_head(f), f, fmap
         f = net.forward_features(x)
         return net.forward_head(f), f
 
-    def teacher_logits(self, x01):
+    def _teacher_in(self, x01):
         t, tmeta = self.teacher
         mean = torch.tensor(tmeta["mean"], device=self.dev).view(1, -1, 1, 1)
         std = torch.tensor(tmeta["std"], device=self.dev).view(1, -1, 1, 1)
+        return t, (x01 - mean) / std
+
+    @torch.no_grad()
+    def teacher_out(self, x01):
+        """The teacher's logits and (with patch distillation) its last feature map; no gradient, eval mode."""
+        t, x = self._teacher_in(x01)
+        if self.patch is None:
+            return t(x).float(), None
+        fmap = t.feature_map(x)
+        return t.forward_head(t.pool_map(fmap)).float(), fmap
+
+    def teacher_logits(self, x01):
+        return self.teacher_out(x01)[0]
+
+    def make_patch(self, labels: np.ndarray, groups: list[str]) -> PatchKD:
+        """PatchKD for this student and teacher: channels from one forward, class prototypes from the teacher's
+        pooled features of the (un-augmented) train images."""
+        t, tmeta = self.teacher
+        probe = self.images[:2].to(self.dev).permute(0, 3, 1, 2).float().div_(255)
         with torch.no_grad():
-            return t((x01 - mean) / std).float()
+            was = self.model.training
+            self.model.eval()
+            s_ch = feature_map_or_error(self.model, (probe - self.mean) / self.std, "student").shape[1]
+            self.model.train(was)
+            t_ch = feature_map_or_error(t, self._teacher_in(probe)[1], "teacher").shape[1]
+        bs = self.cfg.eval_batch_size
+        batches = (self._teacher_in(self.images[i:i + bs].to(self.dev).permute(0, 3, 1, 2).float().div_(255))[1]
+                   for i in range(0, len(self.images), bs))
+        protos = class_prototypes(t.forward_features, batches, labels, len(groups))
+        order = {g: i for i, g in enumerate(("many", "medium", "few"))}
+        class_group = torch.tensor([order.get(g, 0) for g in groups])
+        return PatchKD(s_ch, t_ch, protos, class_group, self.cfg.kd_patch_count, self.cfg.kd_patch_size).to(self.dev)
 
     @torch.no_grad()
     def val_logits(self, net) -> np.ndarray:
@@ -228,6 +266,8 @@ def check_names(cfg: TrainConfig) -> None:
 
         if not timm.is_model(cfg.model):
             raise unknown_name("model", cfg.model, MODELS)
+    if cfg.kd is not None and cfg.kd not in KD_LOSSES:
+        raise unknown_name("kd", cfg.kd, KD_LOSSES)
     if cfg.stage == "crt" and cfg.teacher:
         raise TailforgeError("distillation (teacher) is not supported with stage crt",
                              "distil in the full stage, then run crt on the student")
@@ -347,7 +387,8 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
             if tmeta["num_classes"] != nc:
                 raise TailforgeError(f"teacher '{cfg.teacher}' has {tmeta['num_classes']} classes, this run {nc}",
                                      "use a teacher trained on this dataset")
-            teacher = (t, tmeta)
+            t.requires_grad_(False)  # the teacher never learns: no gradient reaches it
+            teacher = (t.eval(), tmeta)
         val_imgs = load_images(val["uri"], run.root, chans, size)
         task = ImageTask(model, meta, imgs, val_imgs, cfg, dev, teacher)
         labels = img_rows["label"].to_numpy()
@@ -537,8 +578,16 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
                              "train in one process (ddp: off)")
     loss_fn = build_loss(cfg, counts).to(dev)
     net = task.net
+    kd_fn = kd_a = None
+    if task.teacher is not None:  # distillation (train/kd.py): per-sample KD term, KD weight per true class
+        groups = ClassStats.load(run).groups
+        kd_fn, kd_a = build_kd(cfg, counts).to(dev), group_alpha(cfg, groups).to(dev)
+        if cfg.kd_patch > 0:
+            task.patch = task.make_patch(labels, groups)
     transfer = cfg.stage == "full" and cfg.transfer.active  # two phases: head alone, then everything
     opt = _optimizer(cfg, net, model.backbone if transfer else None)
+    if getattr(task, "patch", None) is not None:  # the patch projector learns with the student
+        opt.add_param_group({"params": list(task.patch.parameters()), "weight_decay": cfg.weight_decay})
     bs = max(1, min(cfg.batch_size, len(labels)) // dd.world)  # per process; the global batch is bs * world
     n_epoch = len(labels)
     if cfg.epoch_samples == "balanced":  # the same budget with or without synthetic samples
@@ -559,6 +608,8 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
             sched.load_state_dict(saved["sched"])
             if ema is not None:
                 ema.module.load_state_dict(saved["ema"])
+            if saved.get("kd_patch") is not None:
+                task.patch.load_state_dict(saved["kd_patch"])
             state = saved["state"]
             start = state["epoch"]
     dd.barrier()  # all ranks have read the state before rank 0 clears the work folder
@@ -576,6 +627,7 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
     y_all = torch.from_numpy(np.array(labels, dtype=np.int64)).to(dev)
     w_all = torch.from_numpy(weights).to(dev)
     total = cfg.epochs * steps
+    kd_warm = kd_warmup_epochs(cfg) * steps if kd_fn is not None else 0
     for epoch in range(start, cfg.epochs):
         g = seed_epoch(cfg.seed, epoch, dd.rank)
         order = epoch_indices(cfg.sampler, labels, cfg.seed, epoch,  # the same global order on every rank
@@ -600,14 +652,18 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
                                                  .to(dev)]
             wsum = gw.sum().clamp_min(1e-12)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                logits, feats = fwd(x)
+                out = fwd(x)
+            logits, feats = out[0], out[1]
             per = lam * loss_fn(logits, ya, epoch)
             if lam < 1:
                 per = per + (1 - lam) * loss_fn(logits, yb, epoch)
+            if kd_fn is not None:  # (1 - a_i) task_i + ramp a_i kd_i, a_i the KD weight of i's true class
+                t_logits, t_map = task.teacher_out(x)
+                ramp = min(1.0, (epoch * steps + step + 1) / kd_warm) if kd_warm > 0 else 1.0
+                per = mix_kd(per, kd_fn(logits, t_logits, ya), kd_a, ya, yb, lam, ramp)
+                if task.patch is not None:
+                    per = per + cfg.kd_patch * task.patch(out[2], t_map, ya, g)
             loss = (w * per).sum() / wsum * dd.world
-            if task.teacher is not None:
-                kd = kd_loss(logits, task.teacher_logits(x), cfg.kd_temperature)
-                loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * (w * kd).sum() / wsum * dd.world
             if cfg.supcon_weight > 0:
                 loss = loss + cfg.supcon_weight * supcon(feats, ya, cfg.supcon_temperature)
             loss_v = dd.mean(loss).item() if dd.world > 1 else loss.item()  # the same value on every rank
@@ -616,6 +672,9 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
                                      "lower --lr, keep --clip-grad on, or turn off --amp")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if dd.world > 1 and getattr(task, "patch", None) is not None:  # outside DDP: average by hand
+                for p in task.patch.parameters():
+                    dd_all_mean(p.grad, dd.world)
             if cfg.clip_grad:
                 nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
             opt.step()
@@ -647,7 +706,7 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
             state["epoch"] = epoch + 1
             if writer is not None:  # before the state: a resume replays (and purges) what the state lacks
                 tb.write_epoch(writer, rec)
-            _save_state(work, ident, net, opt, sched, ema, state)
+            _save_state(work, ident, net, opt, sched, ema, state, getattr(task, "patch", None))
             if progress:
                 progress((epoch + 1) * steps, total, {"event": "epoch", **rec})
         dd.barrier()
@@ -674,6 +733,15 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
         shutil.rmtree(work, ignore_errors=True)
     dd.barrier()  # the model folder is complete before any rank returns it
     return final
+
+
+def dd_all_mean(t: torch.Tensor | None, world: int) -> None:
+    """Average ``t`` over the DDP ranks in place (a gradient of a module DDP does not wrap)."""
+    if t is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+        t /= world
 
 
 def _optimizer(cfg: TrainConfig, net: nn.Module, backbone: nn.Module | None = None):
@@ -710,10 +778,10 @@ def _schedule(cfg: TrainConfig, steps: int, groups: list[dict], transfer: bool):
     return [backbone if g.get("backbone") else head for g in groups]
 
 
-def _save_state(work: Path, ident: dict, net, opt, sched, ema, state: dict) -> None:
+def _save_state(work: Path, ident: dict, net, opt, sched, ema, state: dict, patch=None) -> None:
     blob = {"identity": json.dumps(ident, sort_keys=True), "net": net.state_dict(), "opt": opt.state_dict(),
             "sched": sched.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
-            "state": state}
+            "state": state, "kd_patch": patch.state_dict() if patch is not None else None}
     with atomic_path(work / STATE) as tmp:
         torch.save(blob, tmp)
     write_text(work / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state["log"]))

@@ -58,7 +58,8 @@ async function loadModels() {
   }
   if (models.length > 1) sel.append(el("option", { value: "all", text: `compare all (${models.length})` }));
   for (const m of models) {
-    const extra = [m.arch, m.details.loss].filter(Boolean).join(", ");
+    const kd = m.details.teacher ? `${m.details.kd} student of ${m.details.teacher}` : null;
+    const extra = [m.arch, m.details.loss, kd].filter(Boolean).join(", ");
     sel.append(el("option", { value: m.name, text: extra ? `${m.name} (${extra})` : m.name }));
   }
   sel.disabled = false;
