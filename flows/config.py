@@ -125,6 +125,10 @@ class RecipeConfig(BaseModel):
         "but with this sampler (e.g. class_balanced), as models/<backbone>; feature generators and the filter's "
         "classifier embedder then use it. None: the baseline's backbone. class_balanced was chosen on VAL: "
         "bench/results/balanced_backbone.md")
+    backbone_aug_policy: Union[Literal["none", "loss_guided"], None] = Field(
+        None, description="stage crt with backbone_sampler: the augmentation policy of the recipe's backbone training "
+        "(see train.aug_policy; loss_guided: per-sample RandAugment from the moving loss, train/lossaug.py). None: "
+        "train.aug_policy")
     synthetic: Literal["filtered", "candidates"] = Field(
         "filtered", description="synthetic data of the rebalanced arm: the filter's accepted samples, or every "
         "candidate (the no-filter control)")
@@ -140,8 +144,8 @@ class RecipeConfig(BaseModel):
         for k in ("loss", "sampler", "epochs", "lr"):
             if getattr(self, k) is not None:
                 upd[k] = getattr(self, k)
-        if self.stage == "crt":
-            upd["teacher"] = None
+        if self.stage == "crt":  # a head on cached features: no teacher, no image augmentation, no CLIP stage 1
+            upd.update(teacher=None, aug_policy="none", clip_stage1="none")
         return _with(train, **upd)
 
 
@@ -218,8 +222,9 @@ class RunConfig(BaseModel):
     def backbone_train(self, synthetic: str = "none") -> BaseModel:
         """The recipe's backbone: the baseline's settings and budget (epoch_samples: real) with
         ``recipe.backbone_sampler``, on real (+ ``synthetic``) data."""
+        upd = {} if self.recipe.backbone_aug_policy is None else {"aug_policy": self.recipe.backbone_aug_policy}
         return _with(self.train, synthetic=synthetic, sampler=self.recipe.backbone_sampler, epoch_samples="real",
-                     synthetic_weight=self.recipe.synthetic_weight)
+                     synthetic_weight=self.recipe.synthetic_weight, **upd)
 
     def filter_config(self) -> BaseModel:
         """The filter's settings; its classifier embedder defaults to the recipe's backbone."""

@@ -35,6 +35,7 @@ from .checkpoint import build_from_meta, embed, load_model, resolve_device
 from .clip import ClipAdapter, adapter_for_run, base_features, check_folder
 from .config import CLIP_ADAPTER, TrainConfig
 from .losses import LOSSES, build_loss, kd_loss, supcon
+from .lossaug import LossGuided, gather_update
 from .models import MODELS, TIMM_MODELS, create_model, find_weights, load_pretrained, make_head, param_groups, \
     pretrained_arch, pretrained_norm
 from .samplers import SAMPLERS, epoch_indices, shard_indices
@@ -127,6 +128,7 @@ class ImageTask:
         self.mean = torch.tensor(meta["mean"], device=dev).view(1, -1, 1, 1)
         self.std = torch.tensor(meta["std"], device=dev).view(1, -1, 1, 1)
         self.channels_last = dev.type == "cuda" and cfg.amp
+        self.policy: LossGuided | None = None  # aug_policy loss_guided (set by fit)
 
     @property
     def net(self) -> nn.Module:
@@ -135,6 +137,8 @@ class ImageTask:
     def inputs(self, idx: np.ndarray, y: torch.Tensor, g: torch.Generator):
         x = self.images[torch.from_numpy(idx).to(self.images.device)].to(self.dev, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255)
+        if self.policy is not None:  # per-sample RandAugment from the moving losses, before the base augmentation
+            x = self.policy.augment(x, idx, g)
         x = augment(x, self.cfg.augment, self.cfg.hflip, g)
         x, ya, yb, lam = mix(x, y, self.cfg.mixup, self.cfg.cutmix, g)
         return x, ya, yb, lam
@@ -498,6 +502,9 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
     meta["steps_per_epoch"] = steps  # the budget, recorded: arms meant to be equal can be checked
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps, opt.param_groups, transfer))
     ema = EMA(net, cfg.ema) if cfg.ema > 0 else None
+    policy = None  # loss-guided augmentation of images (clip_adapter: in its stage 1, train/clip.py)
+    if cfg.aug_policy == "loss_guided" and isinstance(task, ImageTask):
+        policy = task.policy = LossGuided(len(labels), **cfg.lossaug.model_dump())
     state = {"epoch": 0, "best": {"epoch": -1, "val_balanced_acc": -1.0}, "log": [], "best_weights": None}
     start = 0
     if cfg.resume and (work / STATE).exists():  # every rank loads the same state (DDP then starts in sync)
@@ -508,6 +515,8 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
             sched.load_state_dict(saved["sched"])
             if ema is not None:
                 ema.module.load_state_dict(saved["ema"])
+            if policy is not None:
+                policy.load_state_dict(saved["lossaug"])
             state = saved["state"]
             start = state["epoch"]
     dd.barrier()  # all ranks have read the state before rank 0 clears the work folder
@@ -533,6 +542,8 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
             frozen = False
             model.backbone.requires_grad_(True)
             fwd = dd.wrap(_Forward(task, net))
+        if policy is not None:
+            policy.new_epoch()  # this epoch's per-sample strengths, from the moving losses so far
         fwd.train()
         if cfg.stage == "crt" or frozen:  # a frozen backbone keeps its BatchNorm statistics too
             model.backbone.eval()
@@ -553,6 +564,8 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
             if lam < 1:
                 per = per + (1 - lam) * loss_fn(logits, yb, epoch)
             loss = (w * per).sum() / wsum * dd.world
+            if policy is not None:
+                gather_update(policy, idx, per, dd)
             if task.teacher is not None:
                 kd = kd_loss(logits, task.teacher_logits(x), cfg.kd_temperature)
                 loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * (w * kd).sum() / wsum * dd.world
@@ -586,13 +599,15 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
                    "time_s": round(train_s, 3)}
             if transfer:
                 rec.update(phase=1 if frozen else 2, backbone_lr=0.0 if frozen else sched.get_last_lr()[0])
+            if policy is not None:
+                rec["lossaug"] = policy.summary()
             state["log"].append(rec)
             if rec["val_balanced_acc"] > state["best"]["val_balanced_acc"]:
                 state["best"] = {"epoch": epoch + 1, "val_balanced_acc": rec["val_balanced_acc"],
                                  "val_top1": rec["val_top1"], "split": "val"}
                 state["best_weights"] = {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}
             state["epoch"] = epoch + 1
-            _save_state(work, ident, net, opt, sched, ema, state)
+            _save_state(work, ident, net, opt, sched, ema, state, policy)
             if progress:
                 progress((epoch + 1) * steps, total, {"event": "epoch", **rec})
         dd.barrier()
@@ -649,10 +664,12 @@ def _schedule(cfg: TrainConfig, steps: int, groups: list[dict], transfer: bool):
     return [backbone if g.get("backbone") else head for g in groups]
 
 
-def _save_state(work: Path, ident: dict, net, opt, sched, ema, state: dict) -> None:
+def _save_state(work: Path, ident: dict, net, opt, sched, ema, state: dict, policy=None) -> None:
     blob = {"identity": json.dumps(ident, sort_keys=True), "net": net.state_dict(), "opt": opt.state_dict(),
             "sched": sched.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
             "state": state}
+    if policy is not None:
+        blob["lossaug"] = policy.state_dict()
     with atomic_path(work / STATE) as tmp:
         torch.save(blob, tmp)
     write_text(work / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state["log"]))
