@@ -32,7 +32,7 @@ from tailforge.data.run import RunDir
 
 from .augment import augment, mix
 from .checkpoint import build_from_meta, embed, load_model, resolve_device
-from .clip import ClipAdapter, adapter_for_run, base_features, check_folder
+from .clip import ClipAdapter, adapter_for_run, base_features, check_folder, move_towers
 from .config import CLIP_ADAPTER, TrainConfig
 from .losses import LOSSES, build_loss, kd_loss, supcon
 from .lossaug import LossGuided, gather_update
@@ -680,6 +680,7 @@ def _write_model(final: Path, model, cfg: TrainConfig, meta: dict, state: dict) 
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(final) as tmp:
+        move_towers(meta, tmp)  # clip_adapter after a contrastive stage 1: its tuned CLIP towers
         save_file(sd, str(tmp / "model.safetensors"))
         write_json(tmp / "config.json", {"train": cfg.model_dump(mode="json"), "identity": cfg.identity(),
                                          "meta": meta})
