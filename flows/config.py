@@ -249,6 +249,10 @@ class RunConfig(BaseModel):
             if bs not in SAMPLERS:
                 raise ValueError(f"recipe.backbone_sampler '{bs}' is not a sampler: "
                                  + did_you_mean(bs, list(SAMPLERS), cutoff=0.5) + "samplers: " + ", ".join(SAMPLERS))
+        if self.recipe.backbone_aug_policy is not None and bs is None:
+            raise ValueError("recipe.backbone_aug_policy is the augmentation of the recipe's own backbone, which is "
+                             "trained only with recipe.backbone_sampler: set it (e.g. class_balanced), or use "
+                             "train.aug_policy (the baseline, which is then the backbone)")
         space = getattr(self.generate, "feature_model", None)
         if gen in FEATURE_GENERATORS and space not in (None, self.crt_base):
             raise ValueError(f"generator '{gen}' samples the feature space of model '{space}', but the recipe "

@@ -174,5 +174,10 @@ def test_recipe_applies_the_policy_to_its_backbone_only():
     cfg = load_config(RECIPE, {"recipe": {"backbone_aug_policy": "loss_guided"}})
     assert cfg.backbone_train().aug_policy == "loss_guided" and cfg.baseline_train().aug_policy == "none"
     assert cfg.real_only_train().aug_policy == "none" and cfg.rebalanced_train().aug_policy == "none"
+    from tailforge.data import TailforgeError
+
+    with pytest.raises(TailforgeError, match="backbone_aug_policy"):
+        load_config(RECIPE, {"recipe": {"backbone_aug_policy": "loss_guided", "backbone_sampler": None},
+                             "generate": {"feature_model": "baseline"}})
     both = load_config(RECIPE, {"train": {"aug_policy": "loss_guided"}})
     assert both.baseline_train().aug_policy == "loss_guided" and both.real_only_train().aug_policy == "none"
