@@ -181,3 +181,20 @@ def test_recipe_applies_the_policy_to_its_backbone_only():
                              "generate": {"feature_model": "baseline"}})
     both = load_config(RECIPE, {"train": {"aug_policy": "loss_guided"}})
     assert both.baseline_train().aug_policy == "loss_guided" and both.real_only_train().aug_policy == "none"
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_share_the_moving_losses(digits_run_copy, monkeypatch):
+    """Under DDP (2 CPU processes over gloo) every rank updates the moving losses of the WHOLE global batch: after
+    epoch 1 of an instance-sampled epoch all samples of the global steps are seen, not one rank's half (~25 s)."""
+    from tailforge.train.ddp import launch_fit
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = digits_run_copy
+    cfg = train.TrainConfig(model="tiny", width=8, epochs=2, batch_size=64, hflip=False, device="cpu", nproc=2,
+                            aug_policy="loss_guided")
+    path = launch_fit(run, cfg, "ddp-lg")
+    meta = json.loads((path / "config.json").read_text())["meta"]
+    log = [json.loads(x) for x in (path / "log.jsonl").read_text().splitlines()]
+    assert meta["ddp_world_size"] == 2
+    assert log[0]["lossaug"]["seen"] == meta["steps_per_epoch"] * 64  # both ranks' samples, a permutation
