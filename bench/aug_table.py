@@ -136,6 +136,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def status(work: Path, seeds: list[int], mode: str, imbalance: int) -> str:
+    """Unfinished runs: the epochs their backbone has done and its VAL balanced accuracy per epoch (no TEST)."""
+    bb = "baseline" if mode == "shared" else "backbone"
+    out = []
+    for s in seeds:
+        for arm in ARMS:
+            run = work / f"fm{imbalance}-s{s}-{arm}"
+            if (run / "eval" / "real-only-test.json").is_file():
+                continue
+            logf = next((f for f in (run / "models" / bb / "log.jsonl", run / "models" / f".work-{bb}" / "log.jsonl")
+                         if f.is_file()), None)
+            recs = [json.loads(x) for x in logf.read_text().splitlines()] if logf else []
+            curve = ", ".join(f"{100 * r['val_balanced_acc']:.1f}" for r in recs)
+            out.append(f"| s{s} {arm} | {len(recs)} of 20 | {curve or '-'} |")
+    if not out:
+        return ""
+    return "\n".join(["Unfinished runs (backbone epochs done; VAL balanced accuracy of the backbone after each epoch, "
+                      "no TEST number):", "", "| run | backbone epochs | VAL balanced acc per epoch (%) |",
+                      "|---|---|---|"] + out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -144,7 +165,18 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", type=int, default=2, help="run folders trained at once")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "aug_table")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "aug_table")
+    ap.add_argument("--status", action="store_true", help="only collect: finished runs into the table, unfinished "
+                    "ones as their VAL curves so far (runs nothing)")
     args = ap.parse_args(argv)
+    if args.status:
+        rows = []
+        for s in args.seeds:
+            for arm in ARMS:
+                if (args.work / f"fm{args.imbalance}-s{s}-{arm}" / "eval" / "real-only-test.json").is_file():
+                    rows.append(run_arm(args.work, s, arm, args.mode, args.imbalance))
+        text = table(rows) + "\n\n" + status(args.work, args.seeds, args.mode, args.imbalance)
+        print(text)
+        return 0
     if args.mode == "shared":
         check_shared_is_the_recipe(args.imbalance)
     args.work.mkdir(parents=True, exist_ok=True)
