@@ -157,6 +157,24 @@ def status(work: Path, seeds: list[int], mode: str, imbalance: int) -> str:
                       "|---|---|---|"] + out)
 
 
+def preamble(args, finished: int) -> str:
+    """What the table is and what ran (written above it by ``--status --write-status``)."""
+    import datetime
+
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"# Loss-guided augmentation vs the small-images recipe's real-only arm\n\n"
+            f"Fashion-MNIST-LT, IF {args.imbalance}, `flows/recipes/small-images.yaml` through `tailforge run` "
+            f"(mode `{args.mode}`: see the docstring of bench/aug_table.py), seeds {args.seeds} "
+            f"(data.seed = train.seed), TEST reported, VAL for selection. Arms: `real-only` (the recipe's cRT on its "
+            f"class-balanced backbone) and `loss-guided` (the same with train.aug_policy loss_guided, BCL's "
+            f"defaults, in the backbone's training); the same optimizer steps.\n\n"
+            f"Status at {when}: {finished} of {2 * len(args.seeds)} arm runs finished. Written by "
+            f"`python bench/aug_table.py --status --write-status --seeds {' '.join(map(str, args.seeds))}`."
+            + (" **No verdict**: fewer than 3 seeds have both arms finished; an unfinished run resumes from its last "
+               "epoch when `python bench/aug_table.py` is run again (its work folders are kept)." if finished < 6
+               else "") + "\n\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -167,6 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "aug_table")
     ap.add_argument("--status", action="store_true", help="only collect: finished runs into the table, unfinished "
                     "ones as their VAL curves so far (runs nothing)")
+    ap.add_argument("--write-status", action="store_true", help="with --status: write it to --out .md/.json")
     args = ap.parse_args(argv)
     if args.status:
         rows = []
@@ -176,6 +195,23 @@ def main(argv=None) -> int:
                     rows.append(run_arm(args.work, s, arm, args.mode, args.imbalance))
         text = table(rows) + "\n\n" + status(args.work, args.seeds, args.mode, args.imbalance)
         print(text)
+        if args.write_status:
+            from tailforge.data.atomic import write_json, write_text
+
+            bb = "baseline" if args.mode == "shared" else "backbone"
+            curves = {}
+            for s in args.seeds:
+                for arm in ARMS:
+                    d = args.work / f"fm{args.imbalance}-s{s}-{arm}" / "models"
+                    f = next((x for x in (d / bb / "log.jsonl", d / f".work-{bb}" / "log.jsonl") if x.is_file()), None)
+                    curves[f"s{s}-{arm}"] = [json.loads(x)["val_balanced_acc"] for x in f.read_text().splitlines()] \
+                        if f else []
+            write_json(args.out.with_suffix(".json"), {
+                "dataset": "fashion-mnist", "imbalance": args.imbalance, "recipe": str(RECIPE.relative_to(ROOT)),
+                "mode": args.mode, "split_reported": "test", "selection_split": "val", "rows": rows,
+                "unfinished_backbone_val_balanced_acc_per_epoch": {k: v for k, v in curves.items()
+                                                                   if not any(r["run"].endswith(k) for r in rows)}})
+            write_text(args.out.with_suffix(".md"), preamble(args, len(rows)) + text + "\n")
         return 0
     if args.mode == "shared":
         check_shared_is_the_recipe(args.imbalance)
