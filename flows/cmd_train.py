@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from tailforge.train.config import ClipOptions, TrainConfig, TransferOptions
+from tailforge.train.config import ClipOptions, LossAugOptions, TrainConfig, TransferOptions
 
 from .cliutil import add_model_args, add_run_arg, build, console, given, load_yaml, section
 
 # nested sections of TrainConfig with options of their own: --transfer-freeze-epochs, --clip-prompts, ...
 NESTED = {"transfer": (TransferOptions, "transfer (two-phase fine-tuning of a --pretrained timm/torchvision "
                        "backbone)"),
+          "lossaug": (LossAugOptions, "lossaug (--aug-policy loss_guided: per-sample RandAugment from the moving "
+                      "loss)"),
           "clip": (ClipOptions, "clip (model clip_adapter: frozen CLIP from --pretrained DIR, zero-shot head + "
                    "linear adapter)")}
 

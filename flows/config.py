@@ -154,6 +154,10 @@ class RecipeConfig(BaseModel):
         "but with this sampler (e.g. class_balanced), as models/<backbone>; feature generators and the filter's "
         "classifier embedder then use it. None: the baseline's backbone. class_balanced was chosen on VAL: "
         "bench/results/balanced_backbone.md")
+    backbone_aug_policy: Union[Literal["none", "loss_guided"], None] = Field(
+        None, description="stage crt with backbone_sampler: the augmentation policy of the recipe's backbone training "
+        "(see train.aug_policy; loss_guided: per-sample RandAugment from the moving loss, train/lossaug.py). None: "
+        "train.aug_policy")
     synthetic: Literal["filtered", "candidates"] = Field(
         "filtered", description="synthetic data of the rebalanced arm: the filter's accepted samples, or every "
         "candidate (the no-filter control)")
@@ -170,8 +174,10 @@ class RecipeConfig(BaseModel):
         for k in ("loss", "sampler", "epochs", "lr"):
             if getattr(self, k) is not None:
                 upd[k] = getattr(self, k)
-        if self.stage == "crt":  # no distillation in a cRT head (its settings would need a teacher)
-            upd.update(teacher=None, kd=None, kd_patch=0.0, kd_group_weights=None)
+        if self.stage == "crt":  # a head on cached features: no teacher or distillation, no image augmentation,
+            # no CLIP stage 1
+            upd.update(teacher=None, kd=None, kd_patch=0.0, kd_group_weights=None, aug_policy="none",
+                       clip_stage1="none")
         return _with(train, **upd)
 
 
@@ -272,9 +278,10 @@ class RunConfig(BaseModel):
     def backbone_train(self, synthetic: str = "none", source: str | None = None) -> BaseModel:
         """The recipe's backbone: the baseline's settings and budget (epoch_samples: real) with
         ``recipe.backbone_sampler``, on real (+ ``synthetic``, from ``source``) data."""
+        upd = {} if self.recipe.backbone_aug_policy is None else {"aug_policy": self.recipe.backbone_aug_policy}
         return _with(self.train, synthetic=synthetic, sampler=self.recipe.backbone_sampler, epoch_samples="real",
                      synthetic_weight=self.recipe.synthetic_weight,
-                     synthetic_source=source if synthetic != "none" else None)
+                     synthetic_source=source if synthetic != "none" else None, **upd)
 
     def filter_config(self) -> BaseModel:
         """The filter's settings; its classifier embedder defaults to the recipe's backbone."""
@@ -306,6 +313,10 @@ class RunConfig(BaseModel):
             if bs not in SAMPLERS:
                 raise ValueError(f"recipe.backbone_sampler '{bs}' is not a sampler: "
                                  + did_you_mean(bs, list(SAMPLERS), cutoff=0.5) + "samplers: " + ", ".join(SAMPLERS))
+        if self.recipe.backbone_aug_policy is not None and bs is None:
+            raise ValueError("recipe.backbone_aug_policy is the augmentation of the recipe's own backbone, which is "
+                             "trained only with recipe.backbone_sampler: set it (e.g. class_balanced), or use "
+                             "train.aug_policy (the baseline, which is then the backbone)")
         space = getattr(self.generate, "feature_model", None)
         if gen in FEATURE_GENERATORS and space not in (None, self.crt_base):
             raise ValueError(f"generator '{gen}' samples the feature space of model '{space}', but the recipe "

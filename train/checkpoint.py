@@ -31,11 +31,11 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def build_from_meta(meta: dict) -> Classifier:
-    if meta["arch"] == "clip_adapter":  # its image tower is loaded from the CLIP folder config.json names
+def build_from_meta(meta: dict, folder=None) -> Classifier:
+    if meta["arch"] == "clip_adapter":  # its image tower: the CLIP folder config.json names (or `folder`'s own)
         from .clip import adapter_from_meta
 
-        return adapter_from_meta(meta)
+        return adapter_from_meta(meta, folder)
     h, w = meta["image_size"]
     return create_model(meta["arch"], meta["num_classes"], meta["in_chans"], max(h, w), width=meta.get("width"),
                         head=meta.get("head", "linear"), scale=meta.get("scale", 16.0),
@@ -58,7 +58,7 @@ def load_model(model_dir, device: str | None = "cpu") -> tuple[Classifier, dict]
         meta = read_json(cfg_path)["meta"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise damaged_checkpoint(model_dir, f"config.json ({type(exc).__name__}: {exc})") from None
-    model = build_from_meta(meta)
+    model = build_from_meta(meta, model_dir)
     try:
         weights = load_file(str(model_dir / "model.safetensors"))
     except Exception as exc:  # SafetensorError, OSError: a truncated or overwritten file  # noqa: BLE001

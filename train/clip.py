@@ -27,6 +27,27 @@ trainer's default SGD learning rate suits the adapter as it suits other heads. T
 and bias are the zero-shot head rewritten for standardised inputs (equal logits).
 The saved model (``model.safetensors``, a few KB) holds the adapter, the class text embeddings, the logit
 scale and the blend; the image tower is referenced by path in ``config.json`` and loaded from there.
+
+**ECVL's contrastive stage 1** (``train.clip_stage1: contrastive``; ECVL: "A Long-Tailed Image Classification
+Method Based on Enhanced Contrastive Visual Language", Sensors 2023, 23(15), 6694, doi 10.3390/s23156694,
+../shared/SEEDS.md item 4; its stage 1 follows BALLAD's phase A, Ma et al. 2021, arXiv 2111.14745), before
+step 1 above:
+
+0. fine-tune BOTH towers (image tower + projection, text tower + projection; CLIP's logit scale stays as it
+   is) on the long-tailed train split as it is (instance sampling, the run's images plus accepted synthetic
+   images), ``clip.stage1_epochs`` epochs of AdamW at ``clip.stage1_lr`` (cosine decay), with a symmetric
+   image-text InfoNCE loss whose text side is one embedding per CLASS (its prompts' mean, as the zero-shot
+   head), because the samples of a class share a text:
+   - image -> text: logits = logit_scale * cos(image_i, class_c) over all classes, CE with the image's class;
+   - text -> image: for each class u present in the batch, logits = logit_scale * cos(class_u, image_j) over
+     the batch, cross-entropy against the uniform distribution over the batch's images of class u;
+   - loss = (image->text + text->image) / 2.
+   The images get the trainer's augmentation (``augment``) and, with ``aug_policy: loss_guided``, the per-sample
+   RandAugment of ``train/lossaug.py`` driven by each image's image->text loss (ECVL's momentum loss). The tuned
+   CLIP folder (weights + tokenizer) is written to ``models/.clip-stage1-<id>/`` (``<id>``: the training
+   settings), steps 1-4 run on it (its features get their own cache entries), and it is moved into the model
+   folder as ``clip/`` when the model is written: the model reloads from its own folder (``meta.clip.towers``)
+   and the ``--pretrained`` folder is only read, never changed.
 """
 from __future__ import annotations
 
@@ -42,7 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tailforge.data.atomic import atomic_path
+from tailforge.data.atomic import atomic_dir, atomic_path, read_json, write_json
 from tailforge.data.errors import TailforgeError
 from tailforge.data.images import load_images
 from tailforge.data.run import RunDir
@@ -354,8 +375,12 @@ def row_features(run: RunDir, enc: ClipImages, rows, info: dict) -> np.ndarray:
 
 
 def adapter_for_run(run: RunDir, cfg, info: dict, img_rows, val_rows, head: str, dev: torch.device):
-    """(model without its image tower, train features, val features, meta["clip"]) for ``fit``."""
+    """(model without its image tower, train features, val features, meta["clip"]) for ``fit``; with
+    ``clip_stage1: contrastive`` on the towers stage 1 tunes first."""
     path = check_folder(cfg.pretrained).resolve()
+    stage1 = None
+    if cfg.clip_stage1 == "contrastive":
+        src, (path, stage1) = path, contrastive_stage1(run, cfg, info, img_rows, dev)
     text, logit_scale = cached_text_features(run, path, list(info["class_names"]), cfg.clip.prompts)
     enc = ClipImages(path, cfg.eval_batch_size, dev, cfg.clip.image_size)
     feats, val = row_features(run, enc, img_rows, info), unit_features(run, enc, val_rows["uri"].tolist(), info)
@@ -369,12 +394,15 @@ def adapter_for_run(run: RunDir, cfg, info: dict, img_rows, val_rows, head: str,
                         head=head, scale=cfg.scale, center=torch.from_numpy(center), spread=spread)
     meta = {"path": str(path), "key": file_key(path), "prompts": list(cfg.clip.prompts),
             "image_size": cfg.clip.image_size, "logit_scale": round(logit_scale, 6)}
+    if stage1 is not None:  # the towers move into the model folder (``move_towers``) and load from there
+        meta.update(path=str(src), key=file_key(src), towers=TOWERS, stage1_dir=str(path), stage1=stage1)
     return model, model.features(feats), model.features(val), meta
 
 
 def base_features(run: RunDir, base: ClipAdapter, meta: dict, rows, val_rows, info: dict, batch_size: int, dev):
     """cRT on a clip_adapter: the features its head sees, from the same cache."""
-    enc = ClipImages(meta["clip"]["path"], batch_size, dev, meta["clip"].get("image_size"), model=base.backbone)
+    towers = getattr(base, "tower_path", None) or meta["clip"]["path"]  # stage-1 towers: the model folder's
+    enc = ClipImages(towers, batch_size, dev, meta["clip"].get("image_size"), model=base.backbone)
     return (base.features(row_features(run, enc, rows, info)),
             base.features(unit_features(run, enc, val_rows["uri"].tolist(), info)))
 
@@ -384,9 +412,20 @@ def _config_image_size(path: Path) -> int:
     return int((conf.get("vision_config") or conf).get("image_size", 224))
 
 
-def adapter_from_meta(meta: dict) -> ClipAdapter:
-    """A saved ``clip_adapter`` with its image tower loaded from the CLIP folder its config.json names."""
+def adapter_from_meta(meta: dict, folder=None) -> ClipAdapter:
+    """A saved ``clip_adapter`` with its image tower loaded from the CLIP folder its config.json names (the
+    model ``folder``'s own ``clip/`` after a contrastive stage 1)."""
     c = meta["clip"]
+    if c.get("towers"):
+        if folder is None:
+            raise TailforgeError("this clip_adapter model carries its stage-1 CLIP towers in its folder",
+                                 "load it with tailforge.train.load_model(MODEL_DIR)")
+        path = Path(folder) / c["towers"]
+        text = torch.zeros(meta["num_classes"], meta["feature_dim"])
+        model = ClipAdapter(text, 1.0, meta["input_size"], head=meta.get("head", "linear"),
+                            scale=meta.get("scale", 16.0), backbone=load_clip_vision(path, c.get("image_size")))
+        model.tower_path = str(path)  # the model folder's integrity record covers these files
+        return model
     path = Path(c["path"])
     try:
         check_folder(path, text=False)
@@ -402,5 +441,133 @@ def adapter_from_meta(meta: dict) -> ClipAdapter:
                        scale=meta.get("scale", 16.0), backbone=load_clip_vision(path, c.get("image_size")))
 
 
+# ----------------------------------------------------------------------------- ECVL's stage 1
+
+TOWERS = "clip"  # the tuned towers' folder inside the model folder
+
+
+def contrastive_stage1(run: RunDir, cfg, info: dict, rows, dev: torch.device) -> tuple[Path, dict]:
+    """Fine-tune both towers of ``cfg.pretrained`` contrastively on ``rows`` (step 0 of the module docstring).
+
+    Returns (the tuned CLIP folder ``models/.clip-stage1-<id>/``, its record). A finished folder of the same
+    settings is reused (a resumed training does not tune again).
+    """
+    from transformers import AutoTokenizer, CLIPModel
+
+    from .augment import augment
+    from .lossaug import LossGuided
+    from .samplers import epoch_indices
+    from tailforge.data.integrity import folder_ok
+
+    src = check_folder(cfg.pretrained).resolve()
+    ident = hashlib.sha1(json.dumps(cfg.identity(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    out = run.root / "models" / f".clip-stage1-{ident}"
+    if (out / "stage1.json").is_file() and folder_ok(out, "CLIP stage 1", show_root=run.root):
+        return out, read_json(out / "stage1.json")
+    try:
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+            model = CLIPModel.from_pretrained(str(src), local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise _cannot_load(src, exc) from None
+    names, templates = list(info["class_names"]), list(cfg.clip.prompts)
+    texts = [t for group in prompts_for(names, templates) for t in group]
+    enc = tok(texts, padding=True, truncation=True, return_tensors="pt",
+              max_length=int(model.config.text_config.max_position_embeddings))
+    ids, mask = enc["input_ids"].to(dev), enc.get("attention_mask")
+    mask = mask.to(dev) if mask is not None else None
+    size = int(cfg.clip.image_size or model.config.vision_config.image_size)
+    interp = size != int(model.config.vision_config.image_size)
+    mean, std = CLIP_MEAN, CLIP_STD
+    if (src / "preprocessor_config.json").is_file():
+        conf = json.loads((src / "preprocessor_config.json").read_text())
+        mean, std = conf.get("image_mean", mean), conf.get("image_std", std)
+
+    images = load_images(rows["uri"], run.root, info["channels"], tuple(info["image_size"]))
+    labels = rows["label"].to_numpy().astype(np.int64)
+    torch.manual_seed(cfg.seed)
+    model = model.to(dev).train()
+    model.logit_scale.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.clip.stage1_lr, weight_decay=cfg.weight_decay)
+    bs = max(2, min(cfg.batch_size, len(labels)))
+    steps = max(1, len(labels) // bs)
+    total = cfg.clip.stage1_epochs * steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + np.cos(np.pi * k / total)))
+    policy = LossGuided(len(labels), **cfg.lossaug.model_dump()) if cfg.aug_policy == "loss_guided" else None
+    amp = dev.type == "cuda" and cfg.amp
+    y_all = torch.from_numpy(labels).to(dev)
+    log_rows = []
+    for epoch in range(cfg.clip.stage1_epochs):
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch * 7919 + 4242) % (2**63 - 1))
+        order = epoch_indices("instance", labels, cfg.seed, 1000 + epoch)
+        if policy is not None:
+            policy.new_epoch()
+        loss_sum = 0.0
+        for step in range(steps):
+            idx = order[step * bs:(step + 1) * bs]
+            x = torch.from_numpy(images[idx]).to(dev).permute(0, 3, 1, 2).float().div_(255)
+            if policy is not None:
+                x = policy.augment(x, idx, g)
+            x = augment(x, cfg.augment, cfg.hflip, g)
+            y = y_all[torch.from_numpy(idx).to(dev)]
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                per, loss = _stage1_loss(model, fit_input(x, (size, size), mean, std), interp, ids, mask, y,
+                                         len(names), len(templates))
+            if not torch.isfinite(loss):
+                raise TailforgeError(f"CLIP stage 1: the contrastive loss became {loss.item()} at epoch {epoch + 1}",
+                                     "lower --clip-stage1-lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            opt.step()
+            sched.step()
+            if policy is not None:
+                policy.update(idx, per)
+            loss_sum += loss.item()
+        row = {"epoch": epoch + 1, "train_loss": round(loss_sum / steps, 6), "steps": steps}
+        if policy is not None:
+            row["lossaug"] = policy.summary()
+        log_rows.append(row)
+        log.info("CLIP stage 1 epoch %d: contrastive loss %.4f", epoch + 1, row["train_loss"])
+    record = {"source": str(src), "epochs": cfg.clip.stage1_epochs, "lr": cfg.clip.stage1_lr, "batch_size": bs,
+              "steps_per_epoch": steps, "train_images": int(len(labels)), "log": log_rows}
+    model = model.eval().cpu()
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if (src / "preprocessor_config.json").is_file():
+            (tmp / "preprocessor_config.json").write_bytes((src / "preprocessor_config.json").read_bytes())
+        write_json(tmp / "stage1.json", record)
+    return out, record
+
+
+def _stage1_loss(model, pixels, interp: bool, ids, mask, y, num_classes: int, templates: int):
+    """(per-image image->text CE, the symmetric class-level InfoNCE loss) of one batch."""
+    img = model.get_image_features(pixel_values=pixels, **({"interpolate_pos_encoding": True} if interp else {}))
+    img = F.normalize((img if torch.is_tensor(img) else img.pooler_output).float(), dim=-1)
+    txt = model.get_text_features(input_ids=ids, attention_mask=mask)
+    txt = F.normalize((txt if torch.is_tensor(txt) else txt.pooler_output).float(), dim=-1)
+    txt = F.normalize(txt.view(num_classes, templates, -1).mean(1), dim=-1)
+    scale = model.logit_scale.exp().float()
+    per = F.cross_entropy(scale * img @ txt.T, y, reduction="none")  # image -> its class's text
+    present = torch.unique(y)
+    target = (y[None, :] == present[:, None]).float()
+    target = target / target.sum(1, keepdim=True)  # text -> the batch's images of its class, shared target
+    t2i = -(target * (scale * txt[present] @ img.T).log_softmax(1)).sum(1).mean()
+    return per.detach(), (per.mean() + t2i) / 2
+
+
+def move_towers(meta: dict, folder: Path) -> None:
+    """Into the model ``folder`` being written: the stage-1 towers (``meta.clip.stage1_dir``, removed from meta)."""
+    import shutil
+
+    c = meta.get("clip") or {}
+    src = c.pop("stage1_dir", None)
+    if src:
+        shutil.move(src, Path(folder) / c["towers"])
+
+
 __all__ = ["ClipAdapter", "ClipImages", "ClipVision", "load_clip_vision", "text_features", "check_folder",
-           "adapter_for_run", "adapter_from_meta", "prompts_for"]
+           "adapter_for_run", "adapter_from_meta", "prompts_for", "contrastive_stage1", "move_towers"]

@@ -24,6 +24,11 @@ class ClipOptions(BaseModel):
                                       "(0, 0.05, ..., 1; best balanced accuracy) and recorded in the model")
     image_size: Union[int, None] = Field(None, ge=8, description="input size of the CLIP image tower (default: its "
                                          "config's image_size; another size interpolates the position embeddings)")
+    # ECVL's stage 1 (train.clip_stage1: contrastive): fine-tuning both towers before the adapter
+    stage1_epochs: int = Field(2, ge=1, description="clip_stage1 contrastive: epochs of the image-text contrastive "
+                               "fine-tuning of both towers on the long-tailed train split")
+    stage1_lr: float = Field(1e-5, gt=0, description="clip_stage1 contrastive: peak AdamW learning rate of both towers "
+                             "(cosine decay; CLIP fine-tuning uses ~1e-5)")
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -41,6 +46,21 @@ class ClipOptions(BaseModel):
                     raise ValueError(f"prompt template {t!r} may hold only the {{name}} placeholder "
                                      "(write other braces as {{ and }})") from None
         return v
+
+
+class LossAugOptions(BaseModel):
+    """aug_policy loss_guided: per-sample moving-average loss -> RandAugment probability and strength (BCL)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(0.95, ge=0, lt=1, description="momentum of the per-sample moving loss m <- beta m + "
+                        "(1 - beta) loss (BCL: 0.95)")
+    num_ops: int = Field(1, ge=1, le=8, description="RandAugment operations per sample, each applied with "
+                         "probability w (the sample's normalised moving loss, 0..1; BCL: 1)")
+    magnitude: float = Field(30.0, ge=0, le=30, description="largest magnitude (torchvision's 0..30 scale); a "
+                             "sample gets magnitude x w x U(0, 1) (BCL: 30)")
+    normalize: Literal["bcl", "rank"] = Field("bcl", description="moving losses -> w in [0, 1]: bcl (z-score / "
+                                              "max |z| / 2 + 1/2, BCL's) or rank (rank / (n - 1))")
 
 
 class TransferOptions(BaseModel):
@@ -144,6 +164,13 @@ class TrainConfig(BaseModel):
         "colour jitter; randaugment: basic + RandAugment")
     hflip: bool = Field(True, description="random horizontal flips (turn off for digits/text)")
     mixup: float = Field(0.0, ge=0, description="mixup alpha (0 = off)")
+    # loss-guided augmentation (train/lossaug.py; BCL, ECVL)
+    aug_policy: Literal["none", "loss_guided"] = Field(
+        "none", description="none; loss_guided: each sample's moving-average loss sets the probability and strength "
+        "of RandAugment on it (poorly learnt samples get more), on top of `augment` (see `lossaug`); full training "
+        "of images only (with clip_adapter: in --clip-stage1 contrastive)")
+    lossaug: LossAugOptions = Field(default_factory=LossAugOptions, description="aug_policy loss_guided: momentum, "
+                                    "operations, largest magnitude, normalisation")
     cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0 = off); with mixup too, one of them per batch")
     # two-stage and distillation
     stage: Literal["full", "crt"] = Field(
@@ -177,6 +204,10 @@ class TrainConfig(BaseModel):
                                       "backbone's lr x backbone_lr_mult")
     clip: ClipOptions = Field(default_factory=ClipOptions, description="clip_adapter: prompts of the zero-shot head, "
                               "blend with the adapter (default: chosen on val), input size")
+    clip_stage1: Literal["none", "contrastive"] = Field(
+        "none", description="clip_adapter: none (frozen CLIP); contrastive: ECVL's stage 1, fine-tune both towers of "
+        "--pretrained with the image-text contrastive loss on the train split (class-name prompts), save them in the "
+        "model folder, then train the adapter on their features (the --pretrained folder is never changed)")
     # runtime
     seed: int = Field(0, description="seed of initialisation, sampling and augmentation")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:1, ...")
@@ -227,6 +258,18 @@ class TrainConfig(BaseModel):
                     raise ValueError(f"kd_group_weights: unknown group '{g}'{hint}; the groups are many, medium, few")
                 if not 0 <= v <= 1:
                     raise ValueError(f"kd_group_weights: the weight of {g} is {v}; a KD weight is in [0, 1]")
+        if self.aug_policy != "none" and self.stage == "crt":
+            raise ValueError(f"aug_policy {self.aug_policy} augments images, but stage crt trains a head on cached "
+                             "features of the frozen backbone: apply it where the backbone is trained (`tailforge "
+                             "run`: recipe.backbone_aug_policy), or drop it")
+        if self.clip_stage1 != "none" and (self.stage == "crt" or self.model != CLIP_ADAPTER):
+            raise ValueError(f"clip_stage1 {self.clip_stage1} fine-tunes the towers of a CLIP folder: it needs "
+                             "--model clip_adapter --pretrained CLIP_DIR (stage full)")
+        if self.aug_policy != "none" and self.model == CLIP_ADAPTER and self.stage == "full" \
+                and self.clip_stage1 == "none":
+            raise ValueError(f"aug_policy {self.aug_policy} augments images, but clip_adapter trains its adapter on "
+                             "cached features of the frozen CLIP: add --clip-stage1 contrastive (its images are "
+                             "augmented), or drop it")
         if self.model == CLIP_ADAPTER and self.stage == "full" and self.teacher:
             raise ValueError("clip_adapter trains a head on frozen CLIP features; distillation (teacher) needs "
                              "a full model: drop teacher")
@@ -249,6 +292,13 @@ class TrainConfig(BaseModel):
         for k in KD_FIELDS:  # at their defaults: models trained before these options existed keep their identity
             if d[k] == type(self).model_fields[k].default:
                 d.pop(k)
+        # options added later leave the identity of models trained without them as it was
+        if self.aug_policy == "none":
+            d.pop("aug_policy"), d.pop("lossaug")
+        if self.clip_stage1 == "none":
+            d.pop("clip_stage1")
+            if "clip" in d:
+                d["clip"].pop("stage1_epochs"), d["clip"].pop("stage1_lr")
         return d
 
 

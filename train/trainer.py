@@ -33,11 +33,12 @@ from tailforge.data.run import RunDir
 
 from .augment import augment, mix
 from .checkpoint import build_from_meta, embed, load_model, resolve_device
-from .clip import ClipAdapter, adapter_for_run, base_features, check_folder
+from .clip import ClipAdapter, adapter_for_run, base_features, check_folder, move_towers
 from .config import CLIP_ADAPTER, TrainConfig
 from .kd import KD_LOSSES, build_kd, class_prototypes, feature_map_or_error, group_alpha, kd_warmup_epochs, mix_kd, \
     PatchKD
 from .losses import LOSSES, build_loss, supcon
+from .lossaug import LossGuided, gather_update
 from .models import MODELS, TIMM_MODELS, create_model, find_weights, load_pretrained, make_head, param_groups, \
     pretrained_arch, pretrained_norm
 from .samplers import SAMPLERS, epoch_indices, shard_indices
@@ -157,6 +158,7 @@ class ImageTask:
         self.std = torch.tensor(meta["std"], device=dev).view(1, -1, 1, 1)
         self.channels_last = dev.type == "cuda" and cfg.amp
         self.patch = None  # PatchKD (train/kd.py) when cfg.kd_patch > 0
+        self.policy: LossGuided | None = None  # aug_policy loss_guided (set by fit)
 
     @property
     def net(self) -> nn.Module:
@@ -165,6 +167,8 @@ class ImageTask:
     def inputs(self, idx: np.ndarray, y: torch.Tensor, g: torch.Generator):
         x = self.images[torch.from_numpy(idx).to(self.images.device)].to(self.dev, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255)
+        if self.policy is not None:  # per-sample RandAugment from the moving losses, before the base augmentation
+            x = self.policy.augment(x, idx, g)
         x = augment(x, self.cfg.augment, self.cfg.hflip, g)
         x, ya, yb, lam = mix(x, y, self.cfg.mixup, self.cfg.cutmix, g)
         return x, ya, yb, lam
@@ -598,6 +602,9 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
     meta["steps_per_epoch"] = steps  # the budget, recorded: arms meant to be equal can be checked
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps, opt.param_groups, transfer))
     ema = EMA(net, cfg.ema) if cfg.ema > 0 else None
+    policy = None  # loss-guided augmentation of images (clip_adapter: in its stage 1, train/clip.py)
+    if cfg.aug_policy == "loss_guided" and isinstance(task, ImageTask):
+        policy = task.policy = LossGuided(len(labels), **cfg.lossaug.model_dump())
     state = {"epoch": 0, "best": {"epoch": -1, "val_balanced_acc": -1.0}, "log": [], "best_weights": None}
     start = 0
     if cfg.resume and (work / STATE).exists():  # every rank loads the same state (DDP then starts in sync)
@@ -610,6 +617,8 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
                 ema.module.load_state_dict(saved["ema"])
             if saved.get("kd_patch") is not None:
                 task.patch.load_state_dict(saved["kd_patch"])
+            if policy is not None:
+                policy.load_state_dict(saved["lossaug"])
             state = saved["state"]
             start = state["epoch"]
     dd.barrier()  # all ranks have read the state before rank 0 clears the work folder
@@ -637,6 +646,8 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
             frozen = False
             model.backbone.requires_grad_(True)
             fwd = dd.wrap(_Forward(task, net))
+        if policy is not None:
+            policy.new_epoch()  # this epoch's per-sample strengths, from the moving losses so far
         fwd.train()
         if cfg.stage == "crt" or frozen:  # a frozen backbone keeps its BatchNorm statistics too
             model.backbone.eval()
@@ -657,6 +668,8 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
             per = lam * loss_fn(logits, ya, epoch)
             if lam < 1:
                 per = per + (1 - lam) * loss_fn(logits, yb, epoch)
+            if policy is not None:  # the task loss (before distillation) feeds the moving per-sample loss
+                gather_update(policy, idx, per, dd)
             if kd_fn is not None:  # (1 - a_i) task_i + ramp a_i kd_i, a_i the KD weight of i's true class
                 t_logits, t_map = task.teacher_out(x)
                 ramp = min(1.0, (epoch * steps + step + 1) / kd_warm) if kd_warm > 0 else 1.0
@@ -697,6 +710,8 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
                    "time_s": round(train_s, 3)}
             if transfer:
                 rec.update(phase=1 if frozen else 2, backbone_lr=0.0 if frozen else sched.get_last_lr()[0])
+            if policy is not None:
+                rec["lossaug"] = policy.summary()
             state["log"].append(rec)
             if rec["val_balanced_acc"] > state["best"]["val_balanced_acc"]:
                 state["best"] = {"epoch": epoch + 1, "val_balanced_acc": rec["val_balanced_acc"],
@@ -706,7 +721,7 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
             state["epoch"] = epoch + 1
             if writer is not None:  # before the state: a resume replays (and purges) what the state lacks
                 tb.write_epoch(writer, rec)
-            _save_state(work, ident, net, opt, sched, ema, state, getattr(task, "patch", None))
+            _save_state(work, ident, net, opt, sched, ema, state, getattr(task, "patch", None), policy)
             if progress:
                 progress((epoch + 1) * steps, total, {"event": "epoch", **rec})
         dd.barrier()
@@ -778,10 +793,12 @@ def _schedule(cfg: TrainConfig, steps: int, groups: list[dict], transfer: bool):
     return [backbone if g.get("backbone") else head for g in groups]
 
 
-def _save_state(work: Path, ident: dict, net, opt, sched, ema, state: dict, patch=None) -> None:
+def _save_state(work: Path, ident: dict, net, opt, sched, ema, state: dict, patch=None, policy=None) -> None:
     blob = {"identity": json.dumps(ident, sort_keys=True), "net": net.state_dict(), "opt": opt.state_dict(),
             "sched": sched.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
             "state": state, "kd_patch": patch.state_dict() if patch is not None else None}
+    if policy is not None:
+        blob["lossaug"] = policy.state_dict()
     with atomic_path(work / STATE) as tmp:
         torch.save(blob, tmp)
     write_text(work / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state["log"]))
@@ -795,6 +812,7 @@ def _write_model(final: Path, model, cfg: TrainConfig, meta: dict, state: dict, 
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(final) as tmp:
+        move_towers(meta, tmp)  # clip_adapter after a contrastive stage 1: its tuned CLIP towers
         save_file(sd, str(tmp / "model.safetensors"))
         write_json(tmp / "config.json", {"train": cfg.model_dump(mode="json"), "identity": cfg.identity(),
                                          "data": data, "meta": meta})
