@@ -1,0 +1,230 @@
+"""Does a run cost what its images cost, or what its classes squared cost? (issue 25)
+
+Makes two already long-tailed 32 px colour PNG folders (class c: a random 4 x 4 colour template scaled
+to 32 px, plus Gaussian noise of sigma 60 per image; n_c = round(n_max * (n_min / n_max) ** (c / (C - 1)))),
+runs the benchmark flow (the small-images recipe, one epoch per stage, ``profile: none``) on each,
+times every stage from the task stamps the flow writes (``<run>/.flows/*.json``: each holds when the
+task finished; a stage's time is the gap to the stamp before it), measures the run folder's eval outputs
+and prints the stage-by-stage ratios.
+
+    python bench/scale.py --classes 1000 8142                 # the issue's sizes (folders made once)
+    python bench/scale.py --classes 100 800 --out /tmp/s.md   # a quick check
+
+Default sizes reproduce the issue's folders: 1,000 classes (n_max 320, n_min 5: 75,822 images) and
+8,142 classes (n_max 40, n_min 3: 116,268 images). Folders are seeded: the same arguments write the same
+bytes, and a folder already complete is reused. Some class names are long (up to 80 characters), as in
+iNaturalist, so the plots' name handling is exercised.
+
+Done when (issue 25): the large flow takes at most 2.5x the small one, no stage's ratio is above 3, and
+the large run's eval outputs take less than 10x the small one's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {1000: (320, 5), 8142: (40, 3)}  # classes -> (n_max, n_min) of the issue's folders
+SYLL = ["ar", "bo", "ca", "di", "el", "fu", "go", "hi", "ix", "ju", "ka", "lo", "mi", "nu", "or", "pa",
+        "qu", "ru", "si", "to", "um", "ve", "wa", "xe", "yo", "za"]
+
+
+def counts(c: int, n_max: int, n_min: int) -> np.ndarray:
+    k = np.arange(c)
+    return np.round(n_max * (n_min / n_max) ** (k / max(c - 1, 1))).astype(int)
+
+
+def class_name(c: int, rng: np.random.Generator) -> str:
+    """``00042-<genus> <species>...``: 12 to 80 characters, a few long ones as iNaturalist has."""
+    words = [("".join(rng.choice(SYLL, rng.integers(2, 6)))) for _ in range(int(rng.integers(1, 9)))]
+    name = f"{c:05d}-" + " ".join(words).capitalize()
+    return name[:80]
+
+
+def make_folder(out: Path, c: int, n_max: int, n_min: int, seed: int = 0) -> dict:
+    """Write ``out/<class>/<i>.png``; returns {"classes", "images"}. Reuses a folder made with the same args."""
+    from PIL import Image
+
+    n = counts(c, n_max, n_min)
+    meta = {"classes": c, "n_max": n_max, "n_min": n_min, "seed": seed, "images": int(n.sum())}
+    done = out / ".scale.json"
+    if done.exists() and json.loads(done.read_text()) == meta:
+        return meta
+    if out.exists():
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for k in range(c):
+        rng = np.random.default_rng([seed, k])
+        d = tmp / class_name(k, rng)
+        d.mkdir()
+        template = rng.integers(0, 256, (4, 4, 3)).astype(np.float32)
+        big = np.repeat(np.repeat(template, 8, 0), 8, 1)
+        for i in range(int(n[k])):
+            img = np.clip(big + rng.normal(0, 60, big.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{i:04d}.png", compress_level=1)
+    (tmp / ".scale.json").write_text(json.dumps(meta))
+    tmp.rename(out)
+    return meta
+
+
+# --------------------------------------------------------------------------- running and timing
+
+STAGES = [  # (row label, stamp the stage ends with)
+    ("measure", "measure"), ("plan", "plan"), ("train baseline (1 epoch)", "train-baseline"),
+    ("train backbone (1 epoch)", "train-backbone"), ("prepare generator", "prepare-featcov"),
+    ("generate (units + collect)", "candidates"), ("filter", "filter"), ("train rebalanced (cRT)", "train-rebalanced"),
+    ("evaluate rebalanced", "evaluate-rebalanced-test"), ("train real-only (cRT)", "train-real-only"),
+    ("evaluate baseline", "evaluate-baseline-test"), ("evaluate real-only", "evaluate-real-only-test"),
+    ("compare + report", "compare"),
+]
+
+
+def run_flow(data: Path, run: Path, threads: int) -> dict:
+    """``tailforge run`` on ``data``; returns the wall time, the time of the first flow log line and
+    the log (each line with the time it arrived)."""
+    if run.exists():
+        shutil.rmtree(run)
+    cmd = [str(Path(sys.executable).with_name("tailforge")), "run", "--config", str(ROOT / "flows/recipes/small-images.yaml"),
+           "--run", str(run), "--set", "data.dataset=imagefolder", "--set", f"data.root={data}",
+           "--set", "data.profile=none", "--set", "data.image_size=32", "--set", "train.epochs=1",
+           "--set", "recipe.epochs=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append((time.time(), line.rstrip("\n")))
+    rc = proc.wait()
+    wall = time.time() - t0
+    log = run.with_suffix(".log")
+    log.write_text("\n".join(f"{t - t0:8.1f}  {s}" for t, s in lines) + "\n")
+    if rc != 0:
+        raise SystemExit(f"tailforge run failed (exit {rc}); log: {log}")
+    start = next((t for t, s in lines if "run folder" in s and "config.yaml written" in s), t0)
+    return {"wall_s": wall, "start": start, "t0": t0, "log": str(log)}
+
+
+def stage_times(run: Path, start: float) -> dict[str, float]:
+    """Seconds per stage: the gap between the stamp that ends it and the stamp (or flow start) before it."""
+    fin = {}
+    for p in (run / ".flows").glob("*.json"):
+        d = json.loads(p.read_text())
+        if "finished" in d:
+            fin[p.stem] = datetime.strptime(d["finished"], "%Y-%m-%dT%H:%M:%S").timestamp()
+    out, prev = {}, start
+    for label, stamp in STAGES:
+        if stamp not in fin:
+            continue
+        t = fin[stamp]
+        out[label] = max(t - prev, 0.0)
+        prev = t
+    out["flow (first log line to last stamp)"] = prev - start
+    return out
+
+
+def folder_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+
+
+def units(log: str) -> str:
+    for line in Path(log).read_text().splitlines():
+        if "generation units" in line or "work units" in line:
+            return line.split("|")[-1].strip()[:160]
+    return ""
+
+
+def measure_one(c: int, data_root: Path, runs: Path, threads: int, n_max: int, n_min: int) -> dict:
+    t = time.time()
+    meta = make_folder(data_root / f"scale-{c}", c, n_max, n_min)
+    made = time.time() - t
+    print(f"[{c} classes] folder {data_root / f'scale-{c}'}: {meta['images']:,} images ({made:.0f} s)", flush=True)
+    run = runs / f"scale-{c}"
+    r = run_flow(data_root / f"scale-{c}", run, threads)
+    st = stage_times(run, r["start"])
+    ev = {f.name: f.stat().st_size for f in sorted((run / "eval").iterdir()) if f.is_file()}
+    cand = run / "candidates.parquet"
+    n_cand = 0
+    if cand.exists():
+        import pandas as pd
+
+        n_cand = len(pd.read_parquet(cand, columns=["sample_id"]))
+    out = {"classes": c, "images": meta["images"], "n_max": n_max, "n_min": n_min, "wall_s": round(r["wall_s"], 1),
+           "stages_s": {k: round(v, 1) for k, v in st.items()}, "eval_bytes": sum(ev.values()), "eval_files": ev,
+           "candidates": n_cand, "units": units(r["log"]), "log": r["log"], "run": str(run)}
+    print(f"[{c} classes] flow {out['wall_s']:.0f} s wall; eval outputs {out['eval_bytes'] / 1e6:.2f} MB", flush=True)
+    return out
+
+
+def table(small: dict, large: dict) -> tuple[str, dict]:
+    a, b = small["classes"], large["classes"]
+    lines = [f"| stage | {a:,} classes, {small['images']:,} images | {b:,} classes, {large['images']:,} images | ratio |",
+             "|---|---:|---:|---:|"]
+    ratios = {}
+    for k in small["stages_s"]:
+        if k not in large["stages_s"]:
+            continue
+        x, y = small["stages_s"][k], large["stages_s"][k]
+        ratio = y / x if x >= 1 else None  # a stage under a second (stamps have 1 s resolution) has no ratio
+        ratios[k] = ratio
+        lines.append(f"| {k} | {x:.0f} | {y:.0f} | {'–' if ratio is None else f'{ratio:.2f}'} |")
+    wr = large["wall_s"] / small["wall_s"]
+    er = large["eval_bytes"] / max(small["eval_bytes"], 1)
+    lines.append(f"| whole command (wall, with Prefect's start) | {small['wall_s']:.0f} | {large['wall_s']:.0f} | {wr:.2f} |")
+    lines.append(f"| eval outputs (MB, every file in eval/) | {small['eval_bytes'] / 1e6:.2f} | "
+                 f"{large['eval_bytes'] / 1e6:.2f} | {er:.2f} |")
+    lines.append(f"| candidates | {small['candidates']:,} | {large['candidates']:,} | |")
+    flow_ratio = large["stages_s"]["flow (first log line to last stamp)"] / small["stages_s"]["flow (first log line to last stamp)"]
+    stage_max = max((v for k, v in ratios.items() if v is not None and not k.startswith("flow")), default=0.0)
+    verdict = {"flow_ratio": round(flow_ratio, 3), "wall_ratio": round(wr, 3), "max_stage_ratio": round(stage_max, 3),
+               "eval_bytes_ratio": round(er, 3),
+               "done": bool(flow_ratio <= 2.5 and stage_max <= 3 and er < 10)}
+    return "\n".join(lines) + "\n", verdict
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--classes", type=int, nargs=2, default=[1000, 8142], metavar=("SMALL", "LARGE"))
+    ap.add_argument("--sizes", type=int, nargs=4, metavar=("NMAX_S", "NMIN_S", "NMAX_L", "NMIN_L"),
+                    help="n_max n_min of each folder (default: the issue's 320 5 and 40 3)")
+    ap.add_argument("--data", default="/tmp/tailforge-scale", help="where the PNG folders are made (reused)")
+    ap.add_argument("--runs", default="/tmp/tailforge-scale/runs", help="where the run folders go (rebuilt)")
+    ap.add_argument("--threads", type=int, default=1, help="torch / BLAS threads of the flow")
+    ap.add_argument("--note", default="", help="a line about the machine (e.g. the CPU was shared) for the results")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/scale.md"))
+    a = ap.parse_args(argv)
+    sizes = a.sizes or [*SIZES[1000], *SIZES[8142]]
+    data, runs = Path(a.data), Path(a.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    small = measure_one(a.classes[0], data, runs, a.threads, sizes[0], sizes[1])
+    large = measure_one(a.classes[1], data, runs, a.threads, sizes[2], sizes[3])
+    text, verdict = table(small, large)
+    cmd = "python bench/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = (f"# Scale: {a.classes[0]:,} vs {a.classes[1]:,} classes (bench/scale.py)\n\n"
+          f"`{cmd}`, {time.strftime('%Y-%m-%d')}, torch threads {a.threads}, one run each, seconds from the "
+          "flow's task stamps (1 s resolution; a stage is the gap to the stamp before it). "
+          f"{a.note}\n\nGeneration: {small['units']} / {large['units']}\n\n" + text
+          + f"\nflow ratio {verdict['flow_ratio']:.2f} (done at <= 2.5), largest stage ratio "
+          f"{verdict['max_stage_ratio']:.2f} (<= 3), eval outputs ratio {verdict['eval_bytes_ratio']:.2f} (< 10): "
+          f"**{'done' if verdict['done'] else 'not done'}**.\n")
+    print(md)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(a), "small": small, "large": large,
+                                                    "verdict": verdict}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
