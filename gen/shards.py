@@ -206,7 +206,7 @@ def write_rows(rows: list[dict], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    extra = [k for k in (rows[0] if rows else {}) if k not in CANDIDATE_COLUMNS]
+    extra = list(dict.fromkeys(k for r in rows for k in r if k not in CANDIDATE_COLUMNS))
     cols = {c: [r.get(c) for r in rows] for c in [*CANDIDATE_COLUMNS, *extra]}
     pq.write_table(pa.table(cols), path)
 
@@ -239,7 +239,7 @@ def collect_candidates(run: RunDir, plan: Plan | None = None) -> pd.DataFrame:
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         tables = list(pool.map(pq.read_table, files))
     table = pa.concat_tables(tables, promote_options="default")
-    df = table.to_pandas()
+    df = table.replace_schema_metadata(None).to_pandas()  # shards written by pandas carry an index record
     if plan is not None:
         quota = {q.label: q.generate for q in plan.classes}
         df = df[df["index"].astype(int) < df["label"].map(quota).fillna(0).astype(int)]
