@@ -192,6 +192,48 @@ def table(small: dict, large: dict) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", verdict
 
 
+def split_sizes(n: np.ndarray, frac: float = 0.15) -> np.ndarray:
+    """Test images per class under the default 70/15/15 stratified split (at least one when n >= 3)."""
+    t = np.floor(n * frac).astype(int)
+    return np.where(n >= 3, np.maximum(t, 1), t)
+
+
+def eval_outputs(c: int, n_max: int, n_min: int, out: Path, seed: int = 0) -> dict:
+    """What ``evaluate`` writes for one arm at this size, from simulated predictions (half right, the rest a
+    random class) on a test split of the folder's size: the compact JSON, the per-class CSV and the three
+    plots, with the time it takes. No training: the size and cost of the outputs alone."""
+    from tailforge.data.atomic import write_json
+    from tailforge.data.classtable import write_csv
+    from tailforge.data.config import MeasureConfig
+    from tailforge.data.measure import assign_groups
+    from tailforge.eval import plots
+    from tailforge.eval.evaluate import class_rows
+    from tailforge.eval.metrics import calibration_bins, compute
+
+    rng = np.random.default_rng(seed)
+    n = counts(c, n_max, n_min)
+    train = n - 2 * split_sizes(n)
+    y = np.repeat(np.arange(c), split_sizes(n))
+    pred = np.where(rng.random(len(y)) < 0.5, y, rng.integers(0, c, len(y)))
+    probs = np.full((len(y), c), 0.2 / c, dtype=np.float32)
+    probs[np.arange(len(y)), pred] += 0.8
+    groups = assign_groups(train, MeasureConfig())[0]
+    names = [class_name(k, np.random.default_rng([0, k])) for k in range(c)]
+    t0 = time.perf_counter()
+    m = compute(y, probs, groups)
+    d = {**m, "model": "sim", "split": "test", "groups": groups, "train_counts": train.tolist(),
+         "real_train_counts": train.tolist(), "class_names": names, "calibration": calibration_bins(y, probs)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "sim-test.json", d, compact=True)
+    write_csv(out / "sim-test-classes.csv", class_rows(d))
+    plots.confusion_matrix(d["confusion"], train, names, out / "sim-test-confusion.png", "sim")
+    plots.per_class_accuracy(d["per_class"], train.tolist(), groups, names, out / "sim-test-per_class.png", "sim")
+    plots.reliability(d["calibration"], out / "sim-test-reliability.png", "sim")
+    files = {f.name: f.stat().st_size for f in sorted(out.iterdir())}
+    return {"classes": c, "test_images": int(len(y)), "seconds": round(time.perf_counter() - t0, 2),
+            "bytes": sum(files.values()), "files": files}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--classes", type=int, nargs=2, default=[1000, 8142], metavar=("SMALL", "LARGE"))
@@ -202,8 +244,26 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch / BLAS threads of the flow")
     ap.add_argument("--note", default="", help="a line about the machine (e.g. the CPU was shared) for the results")
     ap.add_argument("--out", default=str(ROOT / "bench/results/scale.md"))
+    ap.add_argument("--outputs-only", action="store_true",
+                    help="only what one arm's evaluation writes at each size (simulated predictions, no flow)")
     a = ap.parse_args(argv)
     sizes = a.sizes or [*SIZES[1000], *SIZES[8142]]
+    if a.outputs_only:
+        import tempfile
+
+        res = [eval_outputs(c, *sz, Path(tempfile.mkdtemp()) / f"eval-{c}")
+               for c, sz in zip(a.classes, (sizes[:2], sizes[2:]))]
+        lines = ["| classes | test images | seconds (metrics, JSON, CSV, plots) | bytes | files |", "|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['classes']:,} | {r['test_images']:,} | {r['seconds']} | {r['bytes']:,} | "
+                  + ", ".join(f"{k.removeprefix('sim-test')} {v:,}" for k, v in r["files"].items()) + " |" for r in res]
+        text = ("One arm's evaluation outputs, simulated predictions (`python bench/scale.py --outputs-only`):\n\n"
+                + "\n".join(lines) + f"\n\nratio of bytes {res[1]['bytes'] / res[0]['bytes']:.2f}, of seconds "
+                f"{res[1]['seconds'] / max(res[0]['seconds'], 1e-9):.2f}\n")
+        print(text)
+        out = Path(a.out).with_name(Path(a.out).stem + "_outputs")
+        out.with_suffix(".md").write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+        return 0
     data, runs = Path(a.data), Path(a.runs)
     runs.mkdir(parents=True, exist_ok=True)
     small = measure_one(a.classes[0], data, runs, a.threads, sizes[0], sizes[1])
