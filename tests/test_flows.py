@@ -155,7 +155,11 @@ def test_benchmark_end_to_end_writes_run_folder_and_artifacts(finished):
                       "report": "markdown"}.items():
         assert arts.get(f"{slug}-{key}") == kind, (key, sorted(arts))
     tasks = task_states(state.state_details.flow_run_id)
-    assert sum(n.startswith("shard ") for n in tasks) == len(cands["shard"].unique())
+    from tailforge import gen
+    from tailforge.data import RunDir
+
+    units = gen.plan_units(gen.Plan.load(RunDir(run)), "ddpm", cfg.generate.shard_size)  # one task per unit
+    assert sum(n.startswith("unit ") for n in tasks) == len(units) < len(cands["shard"].unique())
     assert all(s == "Completed" for s in tasks.values()), tasks
 
 
@@ -218,8 +222,10 @@ def test_interrupted_generation_resumes_to_the_same_samples(finished, tmp_path, 
     state = run_benchmark(cfg, "rebalance")
     assert state.is_completed(), state.message
     tasks = task_states(state.state_details.flow_run_id)
-    shard_states = [s for n, s in tasks.items() if n.startswith("shard ")]
-    assert shard_states.count("Cached") == 1 and shard_states.count("Completed") == len(shard_states) - 1
+    unit_states = [s for n, s in tasks.items() if n.startswith("unit ")]
+    first_done = len(units[0].shards) == 1  # the first unit's first shard was finished before the failure
+    assert len(unit_states) == len(units) and unit_states.count("Cached") == int(first_done)
+    assert unit_states.count("Completed") == len(units) - int(first_done)
     assert tasks["measure " + cfg.run] == "Cached" and tasks["plan " + cfg.run] == "Cached"
     again = pd.read_parquet(run / "candidates.parquet")
     assert not again["sample_id"].duplicated().any()
