@@ -234,6 +234,59 @@ def eval_outputs(c: int, n_max: int, n_min: int, out: Path, seed: int = 0) -> di
             "bytes": sum(files.values()), "files": files}
 
 
+def generation_only(c: int, n_max: int, n_min: int, root: Path, shard_size: int = 512, dim: int = 64) -> dict:
+    """The generation stage's own machinery at this size, without Prefect and without a model: the
+    small-images recipe's plan (balance to the largest class, x1.5), a stand-in feature generator (one
+    float32 .npy per shard, as featcov writes) run unit by unit, then ``collect_candidates``."""
+    from tailforge.data import RunDir
+    from tailforge.gen.base import Generator
+    from tailforge.gen.planner import ClassQuota, Plan
+    from tailforge.gen.shards import base_row, clean_partial, collect_candidates, finished_shards, make_units, make_shards, run_unit
+
+    class Features(Generator):
+        name = source = "featcov"
+
+        def __init__(self):
+            pass
+
+        def run_shard(self, shard, out_dir):
+            rng = np.random.default_rng([shard.label, shard.start])
+            np.save(out_dir / "features.npy", rng.standard_normal((shard.size, dim)).astype(np.float32))
+            return [{**base_row(shard, i, 0, "featcov", f"synthetic/featcov/{shard.id}/features.npy#{k}"),
+                     "feature_model": "backbone"} for k, i in enumerate(shard.indices())]
+
+    n = counts(c, n_max, n_min)
+    have = n - 2 * split_sizes(n)
+    gen_n = np.ceil((have.max() - have) * 1.5 - 1e-9).astype(int)
+    plan = Plan("balance", 1.5, [ClassQuota(k, f"c{k}", int(have[k]), int(have.max()), int(have.max() - have[k]),
+                                            int(gen_n[k])) for k in range(c)], int(gen_n.sum()))
+    shutil.rmtree(root, ignore_errors=True)
+    run = RunDir(root)
+    gen_dir = run.synthetic("featcov")
+    gen_dir.mkdir(parents=True)
+    t = {}
+    t0 = time.perf_counter()
+    shards = make_shards(plan, "featcov", shard_size)
+    units = make_units(shards, shard_size)
+    clean_partial(gen_dir, shards)
+    finished_shards(gen_dir)
+    t["plan to units"] = time.perf_counter() - t0
+    g = Features()
+    t0 = time.perf_counter()
+    for u in units:
+        run_unit(g, u, gen_dir)
+    t["run units"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    df = collect_candidates(run, plan)
+    t["collect"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for u in units:  # a rerun: every shard found finished
+        run_unit(g, u, gen_dir)
+    t["rerun (all done)"] = time.perf_counter() - t0
+    return {"classes": c, "samples": int(gen_n.sum()), "candidates": len(df), "shards": len(shards), "units": len(units),
+            "seconds": {k: round(v, 2) for k, v in t.items()}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--classes", type=int, nargs=2, default=[1000, 8142], metavar=("SMALL", "LARGE"))
@@ -244,10 +297,35 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch / BLAS threads of the flow")
     ap.add_argument("--note", default="", help="a line about the machine (e.g. the CPU was shared) for the results")
     ap.add_argument("--out", default=str(ROOT / "bench/results/scale.md"))
+    ap.add_argument("--generation-only", action="store_true",
+                    help="only the generation machinery at each size (stand-in feature generator, no Prefect, no model)")
     ap.add_argument("--outputs-only", action="store_true",
                     help="only what one arm's evaluation writes at each size (simulated predictions, no flow)")
     a = ap.parse_args(argv)
     sizes = a.sizes or [*SIZES[1000], *SIZES[8142]]
+    if a.generation_only:
+        import tempfile
+
+        res = [generation_only(c, *sz, Path(tempfile.mkdtemp()) / f"gen-{c}")
+               for c, sz in zip(a.classes, (sizes[:2], sizes[2:]))]
+        keys = list(res[0]["seconds"])
+        lines = ["| | " + " | ".join(f"{r['classes']:,} classes" for r in res) + " | ratio |", "|---|---:|---:|---:|"]
+        for k in ("samples", "shards", "units"):
+            lines.append(f"| {k} | " + " | ".join(f"{r[k]:,}" for r in res) + f" | {res[1][k] / res[0][k]:.2f} |")
+        for k in keys:
+            x, y = res[0]["seconds"][k], res[1]["seconds"][k]
+            lines.append(f"| {k} (s) | {x} | {y} | {y / x if x else float('nan'):.2f} |")
+        tot = [sum(r["seconds"][k] for k in keys if k != "rerun (all done)") for r in res]
+        lines.append(f"| units + collect (s) | {tot[0]:.2f} | {tot[1]:.2f} | {tot[1] / tot[0]:.2f} |")
+        text = ("Generation machinery alone (`python bench/scale.py --generation-only`): the recipe's plan, a stand-in "
+                "feature generator (one float32 .npy of 64-d rows per shard, as featcov writes), every unit run in "
+                "this process (no Prefect: one task per unit adds its own overhead per unit), then collect.\n\n"
+                + "\n".join(lines) + "\n")
+        print(text)
+        out = Path(a.out).with_name(Path(a.out).stem + "_generation")
+        out.with_suffix(".md").write_text(text + (f"\n{a.note}\n" if a.note else ""))
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+        return 0
     if a.outputs_only:
         import tempfile
 

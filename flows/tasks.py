@@ -472,7 +472,7 @@ def evaluate_task(run: str, name: str, split: str, eval_cfg=None) -> dict:
     cfg_dump = eval_cfg.model_dump(mode="json") if eval_cfg is not None else {}
     key = settings_key(name, split, cfg_dump, _file_key(weights))
     out = r.eval_dir / f"{name}-{split}.json"
-    if is_done(r, f"evaluate-{name}-{split}", key, [out]):
+    if is_done(r, f"evaluate-{name}-{split}", key, [out, r.eval_dir / f"{name}-{split}-classes.csv"]):
         return cached(f"evaluate {name} {split}", r, read_json(out))
     metrics = ev.evaluate(r, name, split, cfg=eval_cfg)
     mark_done(r, f"evaluate-{name}-{split}", key)
