@@ -107,7 +107,13 @@ def write_bytes(path: str | os.PathLike, blob: bytes) -> Path:
     return Path(path)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
+def write_json(path: str | os.PathLike, obj: Any, compact: bool = False) -> Path:
+    """Indented JSON; ``compact``: one line per top-level key, each value without spaces (a dict of
+    long per-class lists: its size grows with the numbers, not with indentation and one line per item)."""
+    if compact and isinstance(obj, dict):
+        items = [f"  {json.dumps(str(k))}: {json.dumps(v, separators=(',', ':'), default=_json_default)}"
+                 for k, v in obj.items()]
+        return write_text(path, "{\n" + ",\n".join(items) + "\n}\n")
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 

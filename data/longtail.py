@@ -44,6 +44,18 @@ def class_ranking(num_classes: int, order, seed: int) -> list[int]:
     return order
 
 
+def class_indices(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """``{class: indices of its items, ascending}`` from one stable sort (``np.flatnonzero(labels == c)``
+    for every class, without scanning all labels once per class: 8,000 classes x 100,000 items)."""
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")
+    lab = labels[order]
+    if not len(lab):
+        return {}
+    bounds = np.r_[np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]), len(lab)]
+    return {int(lab[a]): order[a:b] for a, b in zip(bounds[:-1], bounds[1:])}
+
+
 def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
     """Split indices class by class so each part keeps the class distribution.
 
@@ -51,8 +63,7 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int
     """
     rng = np.random.default_rng(seed)
     parts: list[list[np.ndarray]] = [[] for _ in fractions]
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
+    for c, idx in sorted(class_indices(labels).items()):
         idx = idx[rng.permutation(len(idx))]
         n = len(idx)
         sizes = [int(math.floor(n * f)) for f in fractions[1:]]
@@ -80,8 +91,9 @@ def make_long_tailed(labels: np.ndarray, num_classes: int, imbalance: float, pro
     targets = lt_counts(int(counts[rank[0]]), num_classes, imbalance, profile, step_fraction)
     rng = np.random.default_rng(seed + 104729)
     keep = []
+    members = class_indices(labels)
     for r, c in enumerate(rank):
-        idx = np.flatnonzero(labels == c)
+        idx = members.get(int(c), np.zeros(0, np.int64))
         n = min(targets[r], len(idx))
         keep.append(np.sort(idx[rng.permutation(len(idx))[:n]]))
     return np.sort(np.concatenate(keep))

@@ -8,11 +8,13 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path, read_json, write_json
+from .classtable import short_name
 from .config import MeasureConfig
 from .run import RunDir
 
 GROUPS = ("many", "medium", "few")
 GROUP_COLORS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
+MAX_BARS = 300  # past this many classes the histogram is drawn as filled steps
 
 
 @dataclass
@@ -118,13 +120,21 @@ def plot_histogram(stats: ClassStats, path) -> None:
     order = np.argsort(-tr, kind="stable")
     c = len(tr)
     fig, ax = plt.subplots(figsize=(min(14, max(7, 3 + 0.18 * c)), 4.2), dpi=110)
-    ax.bar(range(c), tr[order], color=[GROUP_COLORS[stats.groups[i]] for i in order], width=0.85)
+    if c <= MAX_BARS:
+        ax.bar(range(c), tr[order], color=[GROUP_COLORS[stats.groups[i]] for i in order], width=0.85)
+    else:  # thousands of classes: one filled step curve per group, not one rectangle per class
+        g = np.asarray(stats.groups)[order]
+        for name in GROUPS:
+            if (g == name).any():
+                ax.fill_between(np.arange(c), np.maximum(tr[order], 0.5), 0.5, where=g == name, step="mid",
+                                color=GROUP_COLORS[name], linewidth=0)
+        ax.set_xlim(-0.5, c - 0.5)
     ax.set_yscale("log")
     ax.set_ylabel("train images (log)")
     ax.set_xlabel("class (sorted by frequency)")
     if c <= 30:
         ax.set_xticks(range(c))
-        ax.set_xticklabels([stats.class_names[i] for i in order], rotation=60, ha="right", fontsize=8)
+        ax.set_xticklabels([short_name(stats.class_names[i]) for i in order], rotation=60, ha="right", fontsize=8)
     ax.set_title(f"{stats.dataset}: {c} classes, imbalance factor {stats.imbalance_factor:.1f}, "
                  f"Gini {stats.gini:.2f} ({stats.group_rule} groups)", fontsize=10)
     ax.legend(handles=[Patch(color=GROUP_COLORS[g], label=f"{g} ({stats.group_sizes[g]})") for g in GROUPS],

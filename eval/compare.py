@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tailforge.data.atomic import read_json, write_json, write_text
+from tailforge.data.classtable import short_name
 from tailforge.data.errors import TailforgeError, unknown_name
 from tailforge.data.run import RunDir
 
@@ -209,7 +210,7 @@ def synthetic_verdict(control: dict, treated: dict, rare: int = 3, margin: float
         if isinstance(control.get(g), (int, float)) and isinstance(treated.get(g), (int, float)):
             rows.append((f"{g}-shot classes", control[g], treated[g]))
     if rc is not None and rt is not None:
-        rows.append((f"{rare} rarest classes ({', '.join(str(names[i]) for i in rarest)})", rc, rt))
+        rows.append((f"{rare} rarest classes ({', '.join(short_name(names[i], 40) for i in rarest)})", rc, rt))
     lines = [f"## Synthetic data: `{t}` vs `{c}`", "", head, "",
              f"| {split} split | {c} | {t} | delta |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {a:.4f} | {b:.4f} | {100 * (b - a):+.1f} pt |" for k, a, b in rows]

@@ -3,8 +3,14 @@
 The JSON holds the metrics of ``tailforge.eval.metrics.compute`` at its top level (top1, balanced_acc, many, ...)
 next to what was evaluated (model, split, run, train settings, the val epoch selected).
 
-Outputs (in ``eval/``): ``<model>-<split>.json`` and ``<model>-<split>-{confusion,per_class,
+Outputs (in ``eval/``): ``<model>-<split>.json``, ``<model>-<split>-classes.csv`` (one row per class:
+train images, support, predictions, accuracy, F1) and ``<model>-<split>-{confusion,per_class,
 reliability}.png``. Every number in the JSON names the split it came from.
+
+Sizes grow with the classes and the samples, not with the classes squared: the JSON's ``confusion`` is
+sparse (``{"rows", "cols", "counts"}``: the non-empty cells, at most one per sample;
+``tailforge.eval.metrics.dense`` makes the matrix of a small one), the JSON is written compactly (one
+line per key), and past a few hundred classes the confusion plot bins the classes (head -> tail).
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tailforge.data.atomic import atomic_path, read_json, write_json
+from tailforge.data.classtable import write_csv
 from tailforge.data.errors import TailforgeError
 from tailforge.data.images import load_images
 from tailforge.data.manifest import read_manifest
@@ -96,8 +103,21 @@ def evaluate(run, model_name: str, split: str | None = None, cfg: EvalConfig | N
     }
     if cfg.plots:
         out["plots"] = _plots(run, model_name, split, out)
-    write_json(eval_path(run, model_name, split), out)
+    write_json(eval_path(run, model_name, split), out, compact=True)
+    write_csv(run.eval_dir / f"{model_name}-{split}-classes.csv", class_rows(out))
     return out
+
+
+def class_rows(m: dict) -> list[dict]:
+    """The per-class table of an evaluation (every class, in label order)."""
+    rows = []
+    for i, name in enumerate(m["class_names"]):
+        acc = m["per_class"][i]
+        rows.append({"label": i, "class_name": name, "group": m["groups"][i] if m.get("groups") else "",
+                     "real_train": m["real_train_counts"][i], "train": m["train_counts"][i],
+                     "support": m["support"][i], "predicted": m["predicted"][i],
+                     "accuracy": "" if acc is None else round(acc, 4), "f1": round(m["per_class_f1"][i], 4)})
+    return rows
 
 
 def _plots(run: RunDir, model_name: str, split: str, out: dict) -> list[str]:

@@ -17,12 +17,14 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "generate", help="generate the planned synthetic samples (ddpm, featdict, featcov, fdiff, sd or warp)",
         description="Run the shards of plan.json with one generator; each shard (one class, an index range) is "
-        "written atomically under synthetic/<generator>/ and skipped when re-run; candidates.parquet is then "
+        "written atomically under synthetic/<generator>/ and skipped when re-run; work is handed out in units of "
+        "about --shard-size samples (many small class quotas per unit); candidates.parquet is then "
         "rewritten as the union of all finished shards.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_arg(p)
     p.add_argument("--config", metavar="YAML", help="YAML file with a `generate:` section (nested ddpm:/featdict:/sd:)")
-    p.add_argument("--shard", metavar="I/N", help="run only every N-th shard starting at I (parallel workers)")
+    p.add_argument("--shard", metavar="I/N", help="run only every N-th work unit starting at I (parallel workers; "
+                   "a unit is consecutive shards of about --shard-size samples, as the flow's tasks)")
     p.add_argument("--grids", action=argparse.BooleanOptionalAction, default=True,
                    help="write a sample-grid PNG per class (image generators)")
     add_model_args(p, GenerateConfig, group="generate")
@@ -68,8 +70,11 @@ def run(args) -> int:
         df = generate(r, cfg, progress=progress, shard=args.shard)
     mine = df[df["generator"] == cfg.generator]
     counts = mine.groupby("class_name", sort=False).size()
-    con.print(f"{cfg.generator}: {len(mine):,} candidates "
-              + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    if len(counts) <= 30:
+        con.print(f"{cfg.generator}: {len(mine):,} candidates " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    else:  # thousands of classes: a summary, not a line of thousands of counts
+        con.print(f"{cfg.generator}: {len(mine):,} candidates in {len(counts):,} classes (per class: min "
+                  f"{counts.min()}, median {int(counts.median())}, max {counts.max()})")
     con.print(f"wrote {r.candidates} ({len(df):,} rows, all generators)")
     from tailforge.gen.planner import Plan
 

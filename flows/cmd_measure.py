@@ -36,6 +36,8 @@ def run(args) -> int:
 def print_stats(stats, run_dir) -> None:
     from rich.table import Table
 
+    from tailforge.data.classtable import short_name
+
     con = console()
     t = Table(title=f"{stats.dataset}: images per class and split", show_lines=False)
     for col in ("class", "name", "train", "val", "test", "group"):
@@ -43,7 +45,7 @@ def print_stats(stats, run_dir) -> None:
     order = sorted(range(stats.num_classes), key=lambda i: -stats.counts["train"][i])
     show = order if len(order) <= 40 else order[:20] + order[-20:]
     for i in show:
-        t.add_row(str(i), stats.class_names[i], *(str(stats.counts[s][i]) for s in ("train", "val", "test")),
+        t.add_row(str(i), short_name(stats.class_names[i], 40), *(str(stats.counts[s][i]) for s in ("train", "val", "test")),
                   stats.groups[i])
     con.print(t)
     total = {s: sum(stats.counts[s]) for s in ("train", "val", "test")}

@@ -33,13 +33,19 @@ def run(args) -> int:
 def print_plan(plan, run) -> None:
     from rich.table import Table
 
+    from tailforge.data.classtable import short_name
+
     con = console()
     t = Table(title=f"plan: target {plan.target}, over-generation x{plan.overgen:g}"
               + (f", budget {plan.budget:,}" if plan.budget else ""))
     for col in ("class", "name", "have", "target", "need", "generate"):
         t.add_column(col, justify="left" if col == "name" else "right")
-    for q in sorted(plan.classes, key=lambda q: q.have):
-        t.add_row(str(q.label), q.class_name, str(q.have), str(q.target), str(q.need), str(q.generate))
+    rows = sorted(plan.classes, key=lambda q: q.have)
+    if len(rows) > 40:  # thousands of classes: the 20 rarest and the 20 largest; every class is in plan.json
+        t.caption = f"the 20 rarest and the 20 largest of {len(rows):,} classes; every class: {run.plan}"
+        rows = rows[:20] + rows[-20:]
+    for q in rows:
+        t.add_row(str(q.label), short_name(q.class_name, 40), str(q.have), str(q.target), str(q.need), str(q.generate))
     con.print(t)
     con.print(f"total to generate: {plan.total:,}; wrote {run.plan}")
     if plan.total == 0:  # e.g. --classes many, or a fixed count below every class: later stages would do nothing

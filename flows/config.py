@@ -99,7 +99,7 @@ class RunnerConfig(BaseModel):
         "else 2)")
     address: Union[str, None] = Field(None, description="dask: address of an existing scheduler, e.g. "
                                       "tcp://10.0.0.5:8786 (default: start a local cluster)")
-    shard_retries: int = Field(2, ge=0, description="retries of a failed generation shard")
+    shard_retries: int = Field(2, ge=0, description="retries of a failed generation work unit (its finished shards are kept)")
 
 
 class TrackConfig(BaseModel):

@@ -25,7 +25,7 @@ from .env import prefect_env
 from .config import (FilterConfig, GenerateConfig, PlanConfig, RunConfig, RunnerConfig, TrainConfig,
                      check_run_folder, load_config, write_config)
 from .tasks import (ProgressArtifact, artifact_key, collect_task, compare_task, evaluate_task, filter_task, forget_generators,
-                    generate_shard_task, headroom_task, measure_task, plan_task, prepare_generator_task, track_task,
+                    generate_unit_task, headroom_task, measure_task, plan_task, prepare_generator_task, track_task,
                     train_task)
 
 # The flows' default parameter: the embedded digits config (flows/default.yaml), so a deployment run
@@ -68,8 +68,9 @@ def call(task, *args, **kwargs):
 
 
 def _generate_steps(run: str, gen_cfg, rc: RunnerConfig, source: str | None = None) -> int:
-    """Prepare the generator, fan the shards out through the task runner, collect candidates (``source``: into
-    the run's second source of that name, sources/<source>/)."""
+    """Prepare the generator, fan the work units (consecutive shards of about ``shard_size`` samples)
+    out through the task runner, collect candidates (``source``: into the run's second source of that name,
+    sources/<source>/)."""
     from tailforge import gen
     from tailforge.gen.planner import Plan
     from prefect.context import FlowRunContext
@@ -81,17 +82,19 @@ def _generate_steps(run: str, gen_cfg, rc: RunnerConfig, source: str | None = No
     r = RunDir(run)
     forget_generators(r)
     call(prepare_generator_task, run, gen_cfg)
-    shards = gen.make_shards(Plan.load(r), gen_cfg.generator, gen_cfg.shard_size)
-    prog = ProgressArtifact(artifact_key(r, "generation"), f"generating {sum(s.size for s in shards)} "
-                            f"{gen_cfg.generator} samples in {len(shards)} shards", every=0.5)
-    task = generate_shard_task.with_options(retries=rc.shard_retries)
-    futures = [task.submit(run, gen_cfg, s) for s in shards]
-    total, done = sum(s.size for s in shards), 0
-    for fut, s in zip(futures, shards):
+    units = gen.plan_units(Plan.load(r), gen_cfg.generator, gen_cfg.shard_size)
+    total, done = sum(u.size for u in units), 0
+    get_run_logger().info("generating %d %s samples: %d shards in %d work units of up to %d samples", total,
+                          gen_cfg.generator, sum(len(u.shards) for u in units), len(units), gen_cfg.shard_size)
+    prog = ProgressArtifact(artifact_key(r, "generation"), f"generating {total} {gen_cfg.generator} samples in "
+                            f"{len(units)} work units", every=0.5)
+    task = generate_unit_task.with_options(retries=rc.shard_retries)
+    futures = [task.submit(run, gen_cfg, u) for u in units]
+    for fut, u in zip(futures, units):
         fut.wait()
         if fut.state.is_completed():
-            done += s.size
-            prog(done, total, {"shard": s.id})
+            done += u.size
+            prog(done, total, {"unit": u.id})
     wait(futures)
     for fut in futures:
         fut.result()  # raise the first failure (after retries): the flow fails, finished shards stay

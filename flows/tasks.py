@@ -104,6 +104,14 @@ def image_md(path: Path, alt: str) -> str:
     return f"[{alt}]({path.resolve().as_uri()}) (`{path.resolve()}`)\n"
 
 
+def capped(rows: list[dict], rare_key: str, worst_key: str | None = None, what: str = "classes"):
+    """A table artifact holds at most ``MAX_ROWS`` rows (``tailforge.data.classtable.select_rows``: the
+    rarest and the worst); returns (rows, note for the description, empty when nothing was left out)."""
+    from tailforge.data.classtable import select_rows
+
+    return select_rows(rows, rare_key, worst_key, what=what)
+
+
 def table(key: str, rows: list[dict], description: str) -> None:
     from prefect.artifacts import create_table_artifact
 
@@ -171,9 +179,10 @@ def publish_counts(run: RunDir, stats) -> None:
     rows = [{"class": i, "name": stats.class_names[i], "group": stats.groups[i],
              **{s: stats.counts[s][i] for s in ("train", "val", "test")}}
             for i in sorted(range(stats.num_classes), key=lambda i: -stats.counts["train"][i])]
+    rows, note = capped(rows, "train", what="classes")
     table(artifact_key(run, "counts"), rows,
           f"{stats.dataset}: real images per class and split (train split long-tailed, imbalance factor "
-          f"{stats.imbalance_factor:.1f})")
+          f"{stats.imbalance_factor:.1f})" + (f"; {note} (every class: {run.counts})" if note else ""))
     md = (f"# Class frequencies: {stats.dataset}\n\n"
           f"train imbalance factor **{stats.imbalance_factor:.1f}**, Gini {stats.gini:.3f}, groups "
           f"({stats.group_rule}): " + ", ".join(f"{g} {n}" for g, n in stats.group_sizes.items()) + "\n\n"
@@ -205,8 +214,10 @@ def _counts_key(run: RunDir) -> str:
 def publish_plan(run: RunDir, plan) -> None:
     rows = [{"class": q.label, "name": q.class_name, "have": q.have, "target": q.target, "need": q.need,
              "generate": q.generate} for q in plan.classes]
+    rows, note = capped(rows, "have")
     table(artifact_key(run, "plan"), rows,
-          f"generation plan: target '{plan.target}', over-generation x{plan.overgen}, {plan.total} samples in all")
+          f"generation plan: target '{plan.target}', over-generation x{plan.overgen}, {plan.total} samples in all"
+          + (f"; {note} (every class: {run.plan})" if note else ""))
 
 
 # --------------------------------------------------------------------------- generate
@@ -263,13 +274,14 @@ def _before_shards(run: RunDir, gen_cfg) -> None:
     one line when the unfinished shards may not fit on the disk."""
     from tailforge.gen import make_shards
     from tailforge.gen.planner import Plan
-    from tailforge.gen.shards import ROWS, clean_partial
+    from tailforge.gen.shards import clean_partial, finished_shards
     from tailforge.gen.space import space_warning
 
     shards = make_shards(Plan.load(run), gen_cfg.generator, gen_cfg.shard_size)
-    clean_partial(run.synthetic(gen_cfg.generator), shards)
-    todo = [s for s in shards if not (run.synthetic(gen_cfg.generator) / s.id / ROWS).is_file()]
-    warn = space_warning(run, gen_cfg.generator, sum(s.size for s in todo))
+    gen_dir = run.synthetic(gen_cfg.generator)
+    clean_partial(gen_dir, shards)
+    there = finished_shards(gen_dir)  # one listing of the folder, not one look-up per shard
+    warn = space_warning(run, gen_cfg.generator, sum(s.size for s in shards if s.id not in there))
     if warn:
         get_run_logger().warning(warn)
 
@@ -301,24 +313,21 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return not isinstance(getattr(state, "data", None), TailforgeError)
 
 
-@task(name="generate-shard", cache_policy=NONE, task_run_name="shard {shard.id}", retries=2,
+@task(name="generate-unit", cache_policy=NONE, task_run_name="unit {unit.id}", retries=2,
       retry_delay_seconds=1, retry_condition_fn=_retry_unless_user_error)
-def generate_shard_task(run: str, gen_cfg, shard) -> int:
-    """Generate one shard (a class and an index range) into ``synthetic/<gen>/<shard>/``, atomically."""
-    from tailforge.data import atomic_dir
-    from tailforge.gen.shards import ROWS, rows_frame, shard_done
+def generate_unit_task(run: str, gen_cfg, unit) -> int:
+    """Generate one work unit (``gen.shards.Unit``: consecutive shards, each a class and an index range,
+    about ``shard_size`` samples in all): each unfinished shard into ``synthetic/<gen>/<shard>/``,
+    atomically, in order; finished shards are skipped (a retry redoes only what is missing)."""
+    from tailforge.gen.shards import run_unit, shard_done
 
     r = RunDir(run)
-    folder = r.synthetic(gen_cfg.generator) / shard.id
-    if shard_done(folder):
-        return cached(f"shard {shard.id}", r, shard.size)
+    gen_dir = r.synthetic(gen_cfg.generator)
+    if all(shard_done(gen_dir / s.id) for s in unit.shards):
+        return cached(f"unit {unit.describe()}", r, unit.size)
     g = generator_for(r, shard_device(gen_cfg))
-    with atomic_dir(folder) as tmp:
-        rows = rows_frame(g.run_shard(shard, tmp))
-        if len(rows) != shard.size:
-            raise RuntimeError(f"{gen_cfg.generator} produced {len(rows)} rows for shard {shard.id} of size {shard.size}")
-        rows.to_parquet(tmp / ROWS, index=False)
-    return shard.size
+    run_unit(g, unit, gen_dir)
+    return unit.size
 
 
 def _side(r: RunDir, what: str) -> str:
@@ -352,8 +361,9 @@ def publish_candidates(run: RunDir, generator: str, df) -> None:
     from tailforge import gen
 
     counts = df.groupby(["label", "class_name"]).size().reset_index(name="candidates")
-    table(artifact_key(run, "candidates"), counts.to_dict("records"),
-          f"{len(df)} {generator} candidates per class")
+    rows, note = capped(counts.to_dict("records"), "candidates")
+    table(artifact_key(run, "candidates"), rows, f"{len(df)} {generator} candidates per class"
+          + (f"; {note} (every row: {run.candidates})" if note else ""))
     try:
         grids = gen.write_sample_grids(run, generator) or []
     except Exception as exc:  # pictures are a bonus; never fail generation for them
@@ -401,18 +411,23 @@ def _filter_summary(run: RunDir) -> dict:
 def publish_filter(run: RunDir) -> None:
     import pandas as pd
 
-    df = pd.read_parquet(run.filtered)
+    df = pd.read_parquet(run.filtered, columns=["label", "class_name", "accepted", "reason"])
+    acc = df["accepted"].astype(bool)
+    by = df.assign(_acc=acc).groupby(["label", "class_name"])["_acc"]
+    per = pd.DataFrame({"generated": by.size(), "accepted": by.sum()})
+    rej = pd.crosstab([df.loc[~acc, "label"], df.loc[~acc, "class_name"]], df.loc[~acc, "reason"].replace("", "rejected"))
+    per = per.join(rej).fillna(0)
     rows = []
-    for (label, name), g in df.groupby(["label", "class_name"]):
-        acc = g["accepted"].astype(bool)
-        row = {"class": int(label), "name": name, "generated": len(g), "accepted": int(acc.sum()),
-               "rate": round(float(acc.mean()), 3)}
-        for reason, n in g.loc[~acc, "reason"].value_counts().items():
-            row[str(reason) or "rejected"] = int(n)
+    for (label, name), r in zip(per.index, per.to_dict("records")):
+        row = {"class": int(label), "name": name, "generated": int(r.pop("generated")),
+               "accepted": int(r.pop("accepted"))}
+        row["rate"] = round(row["accepted"] / row["generated"], 3) if row["generated"] else 0.0
+        row.update({str(k): int(v) for k, v in r.items() if v})
         rows.append(row)
+    rows, note = capped(rows, "generated", "rate")
     table(artifact_key(run, _side(run, "filter")), rows,
           f"filter{' (' + run.source + ')' if run.source else ''}: candidates generated / accepted per class, "
-          "rejections by reason")
+          "rejections by reason" + (f"; {note} (every class: {run.side / 'filter' / 'classes.csv'})" if note else ""))
     pics = sorted((run.side / "filter").glob("*.png")) if (run.side / "filter").is_dir() else []
     if pics:
         markdown(artifact_key(run, _side(run, "filter-grids")), "# Filter: accepted vs rejected samples\n\n"
@@ -467,7 +482,8 @@ def evaluate_task(run: str, name: str, split: str, eval_cfg=None) -> dict:
     cfg_dump = eval_cfg.model_dump(mode="json") if eval_cfg is not None else {}
     key = settings_key(name, split, cfg_dump, _file_key(weights))
     out = r.eval_dir / f"{name}-{split}.json"
-    if is_done(r, f"evaluate-{name}-{split}", key, [out, r.eval_dir / f"{name}-{split}-pred.npy"]):
+    if is_done(r, f"evaluate-{name}-{split}", key, [out, r.eval_dir / f"{name}-{split}-pred.npy",
+                                                   r.eval_dir / f"{name}-{split}-classes.csv"]):
         return cached(f"evaluate {name} {split}", r, read_json(out))
     metrics = ev.evaluate(r, name, split, cfg=eval_cfg)
     mark_done(r, f"evaluate-{name}-{split}", key)

@@ -147,7 +147,8 @@ class GenerateConfig(BaseModel):
     generator: str = Field("ddpm", description="ddpm (in-domain image diffusion), featdict, featcov, fdiff "
                            "(feature vectors for the crt recipe), sd (Stable Diffusion), warp (deformed real tail images), oracle (the "
                            "long tail's held-back real train images: a perfect generator, the benchmark's oracle arm)")
-    shard_size: int = Field(64, ge=1, description="samples per shard (a shard is one class and an index range)")
+    shard_size: int = Field(64, ge=1, description="samples per work unit: a class quota above this is split into shards of this size, "
+                            "smaller quotas are grouped, several classes per unit (a shard is one class and an index range)")
     seed: int = Field(0, description="run seed; each sample's seed is f(seed, class, index)")
     batch_size: int = Field(64, ge=1, description="samples generated per forward pass")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1 ...")

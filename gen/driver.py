@@ -7,11 +7,9 @@ A new generator is one class implementing ``gen.base.Generator`` plus one entry,
 """
 from __future__ import annotations
 
-import time
-
 import pandas as pd
 
-from tailforge.data import RunDir, atomic_dir, unknown_name
+from tailforge.data import RunDir, unknown_name
 from tailforge.data.integrity import report
 
 from .base import Generator
@@ -25,8 +23,8 @@ from .planner import Plan
 from .sd import SDGenerator
 from .space import space_warning
 from .warp import WarpGenerator
-from .shards import (ROWS, Progress, clean_partial, collect_candidates, make_shards, parse_shard_spec, quiet_hf,
-                     rows_frame, shard_done, write_candidates)
+from .shards import (Progress, clean_partial, collect_candidates, finished_shards, parse_shard_spec, plan_units,
+                     quiet_hf, run_unit, shard_done, write_candidates)
 
 GENERATORS: dict[str, type[Generator]] = {"ddpm": DDPMGenerator, "featdict": FeatDictGenerator,
                                           "featcov": FeatCovGenerator, "fdiff": FDiffGenerator, "sd": SDGenerator,
@@ -37,8 +35,10 @@ def generate(run: RunDir | str, cfg: GenerateConfig | None = None, progress: Pro
              shard: str | None = None) -> pd.DataFrame:
     """Run this worker's unfinished shards of the plan, then rewrite ``candidates.parquet``.
 
-    ``shard="i/n"`` runs shards i, i+n, i+2n, ... (independent workers, any machines sharing the
-    run folder). Returns the full candidates table (all generators, all finished shards).
+    ``shard="i/n"`` runs work units i, i+n, i+2n, ... (``gen.shards.make_units``: consecutive shards of
+    about ``shard_size`` samples in all; independent workers, any machines sharing the run folder; the
+    flow's tasks use the same units). Returns the full candidates table (all generators, all finished
+    shards).
     """
     run = run if isinstance(run, RunDir) else RunDir(run)
     cfg = cfg or GenerateConfig()
@@ -47,32 +47,33 @@ def generate(run: RunDir | str, cfg: GenerateConfig | None = None, progress: Pro
     worker, workers = parse_shard_spec(shard)
     info = run.dataset_info()
     plan = Plan.load(run)
-    shards = make_shards(plan, cfg.generator, cfg.shard_size)[worker::workers]
+    units = plan_units(plan, cfg.generator, cfg.shard_size)[worker::workers]
+    shards = [s for u in units for s in u.shards]
     gen_dir = run.synthetic(cfg.generator)
     clean_partial(gen_dir, shards)
-    todo = [s for s in shards if not shard_done(gen_dir / s.id)]
-    warn = space_warning(run, cfg.generator, sum(s.size for s in todo))  # early, not hours in
+    there = finished_shards(gen_dir)  # one listing of the folder; shard_done checks each one's files
+    finished = {s.id for s in shards if s.id in there and shard_done(gen_dir / s.id)}
+    todo = [u for u in units if any(s.id not in finished for s in u.shards)]
+    warn = space_warning(run, cfg.generator, sum(s.size for s in shards if s.id not in finished))  # early, not hours in
     if warn:
         report(warn)
-    total = sum(s.size for s in shards)
-    done = total - sum(s.size for s in todo)
+    total = sum(u.size for u in units)
+    done = sum(s.size for s in shards if s.id in finished)
     if progress:
-        progress(done, total, {"stage": "generate", "generator": cfg.generator, "skipped_shards": len(shards) - len(todo)})
+        progress(done, total, {"stage": "generate", "generator": cfg.generator, "skipped_shards": len(finished)})
     if todo:
         quiet_hf()
         gen = GENERATORS[cfg.generator](run, cfg, info)
         gen.prepare(plan, progress=progress)
-        for s in todo:
-            t0 = time.perf_counter()
-            with atomic_dir(gen_dir / s.id) as tmp:
-                rows = rows_frame(gen.run_shard(s, tmp))
-                if len(rows) != s.size:  # a generator bug, not a user error
-                    raise RuntimeError(f"{cfg.generator} produced {len(rows)} rows for shard {s.id} of size {s.size}")
-                rows.to_parquet(tmp / ROWS, index=False)
-            done += s.size
-            if progress:
-                progress(done, total, {"stage": "generate", "generator": cfg.generator, "shard": s.id,
-                                       "class": s.class_name, "seconds": round(time.perf_counter() - t0, 3)})
+        for u in todo:
+            def after(s, seconds, u=u):
+                nonlocal done
+                done += s.size
+                if progress:
+                    progress(done, total, {"stage": "generate", "generator": cfg.generator, "unit": u.id,
+                                           "shard": s.id, "class": s.class_name, "seconds": round(seconds, 3)})
+
+            run_unit(gen, u, gen_dir, after)
     df = collect_candidates(run, plan)
     write_candidates(run, df)
     return df

@@ -89,7 +89,7 @@ class FeatureDiffusion:
         Z = torch.from_numpy((X - self.mu_) / self.sd_).to(self.device)
         Y = torch.from_numpy(y).to(self.device)
         order = np.argsort(y, kind="stable")  # rows of each class contiguous: class c = order[start[c]:start[c]+n[c]]
-        n_c = np.array([(y == c).sum() for c in self.classes_])
+        n_c = np.bincount(y)[self.classes_]
         start = torch.from_numpy(np.r_[0, np.cumsum(n_c)[:-1]]).to(self.device)
         n_c, order = torch.from_numpy(n_c).to(self.device), torch.from_numpy(order).to(self.device)
         g = torch.Generator(device="cpu").manual_seed(self.seed)

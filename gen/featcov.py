@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from tailforge.data import TailforgeError
+from tailforge.data.longtail import class_indices
 
 from .featdict import FeatureGenerator, FeatureOversampler, train_features
 from .planner import Plan
@@ -46,30 +47,40 @@ class FeatureCovOversampler(FeatureOversampler):
 
     def fit(self, X, y) -> "FeatureCovOversampler":
         X, y = self._fit_classes(X, y, np.float64)
-        self.mean_ = {c: X[y == c].mean(0) for c in self.classes_}
+        rows = class_indices(y)  # one sort, not one scan per class
+        self.mean_ = {c: X[rows[int(c)]].mean(0) for c in self.classes_}
         head = [c for c, n in zip(self.classes_, self.counts_) if n >= np.median(self.counts_) and n >= 3]
         if not head:
             raise TailforgeError("featcov needs at least one class with 3 or more real features to borrow variation "
                                  "from", "use featdict, or a dataset with a populated head")
         self.head_ = head
-        self.cov_ = {h: np.cov(X[y == h].T) for h in head}
+        self.cov_ = {h: np.cov(X[rows[int(h)]].T) for h in head}
         self._chol: dict = {}
         return self
 
     def _factor(self, label) -> np.ndarray:
-        """Cholesky factor of the covariance borrowed by class ``label`` (cached)."""
+        """Cholesky factor of the covariance borrowed by class ``label`` (cached). With ``heads=0`` every
+        class borrows the same pooled covariance: it is computed and factored once, not once per class
+        (at 8,000 classes that per-class mean over thousands of head covariances was quadratic)."""
         if label not in self._chol:
-            near = self.head_
-            if self.heads:
-                near = sorted(self.head_, key=lambda h: float(((self.mean_[h] - self.mean_[label]) ** 2).sum()))
-                near = [h for h in near if h != label][:self.heads] or self.head_
-            cov = np.mean([self.cov_[h] for h in near], 0)
-            if self.shrink:
-                cov = (1 - self.shrink) * cov + self.shrink * np.diag(np.diag(cov))
-            d = len(cov)
-            jitter = 1e-6 * max(float(np.trace(cov)) / d, 1e-12)
-            self._chol[label] = np.linalg.cholesky(cov + jitter * np.eye(d)).astype(np.float32)
+            if not self.heads:
+                if "pooled" not in self._chol:
+                    self._chol["pooled"] = self._cholesky(np.mean([self.cov_[h] for h in self.head_], 0))
+                self._chol[label] = self._chol["pooled"]
+            else:
+                heads = np.asarray(self.head_)
+                means = np.stack([self.mean_[h] for h in self.head_])
+                dist = ((means - self.mean_[label]) ** 2).sum(1)
+                near = [h for h in heads[np.argsort(dist, kind="stable")].tolist() if h != label][:self.heads]
+                self._chol[label] = self._cholesky(np.mean([self.cov_[h] for h in near or self.head_], 0))
         return self._chol[label]
+
+    def _cholesky(self, cov: np.ndarray) -> np.ndarray:
+        if self.shrink:
+            cov = (1 - self.shrink) * cov + self.shrink * np.diag(np.diag(cov))
+        d = len(cov)
+        jitter = 1e-6 * max(float(np.trace(cov)) / d, 1e-12)
+        return np.linalg.cholesky(cov + jitter * np.eye(d)).astype(np.float32)
 
     def sample(self, label, seeds) -> np.ndarray:
         """float32 (len(seeds), D): one synthetic feature of class ``label`` per seed (independent of batching)."""

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tailforge.data import TailforgeError, load_images, read_manifest
+from tailforge.data.longtail import class_indices
 
 from .base import Generator
 from .planner import Plan
@@ -53,7 +54,8 @@ class FeatureOversampler:
             raise TailforgeError(f"features must be an N x D array with one label each, got {X.shape} and {y.shape}",
                                  "pass X (N, D) and y (N,)")
         self.classes_, self.counts_ = np.unique(y, return_counts=True)
-        self.X_ = {c: X[y == c].astype(np.float32, copy=False) for c in self.classes_}
+        rows = class_indices(y)  # one sort, not one scan per class
+        self.X_ = {c: X[rows[int(c)]].astype(np.float32, copy=False) for c in self.classes_}
         self.nonneg_ = bool(X.min() >= 0)
         return X, y
 

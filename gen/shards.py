@@ -1,17 +1,27 @@
 """Sharding, per-sample seeds and candidate rows, shared by every generator (the ``generate`` driver
 that runs them is ``driver.py``, above the generators).
 
-A shard is one class and an index range ``[start, stop)`` of that class's planned samples. It is
-written as ``synthetic/<gen>/<shard-id>/`` (files + ``rows.parquet``) through ``tailforge.data.atomic_dir``:
-the folder appears complete or not at all, so Ctrl-C mid-shard leaves only a ``.tmp-*`` folder that
-the next run removes. A folder with ``rows.parquet`` whose files match its ``.integrity.json`` is
-finished and is skipped on re-run; a damaged one is generated again.
+A shard is one class and an index range ``[start, stop)`` of that class's planned samples (at most
+``shard_size`` of them). It is written as ``synthetic/<gen>/<shard-id>/`` (files + ``rows.parquet``)
+through ``tailforge.data.atomic_dir``: the folder appears complete or not at all, so Ctrl-C mid-shard
+leaves only a ``.tmp-*`` folder that the next run removes. A folder with ``rows.parquet`` whose files
+match its ``.integrity.json`` is finished and is skipped on re-run; a damaged one is generated again.
+
+Work is handed out in units, not shards (``make_units``): consecutive shards, in plan order, add up to
+about ``shard_size`` samples per unit, so 8,000 classes of 20 samples make about as many units as 300
+classes of 512 (a large quota is split into shards of ``shard_size``, a unit of its own each). One
+Prefect task or one ``--shard i/n`` slice is a list of units; a unit runs its shards in order, each
+still written and skipped on its own. Every step over the shards is linear in their number: the
+generator folder is listed once (``clean_partial``, ``finished_shards``), never once per shard.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -69,6 +79,46 @@ def make_shards(plan: Plan, generator: str, shard_size: int) -> list[Shard]:
     return out
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: consecutive shards of about ``shard_size`` samples in all (one Prefect task)."""
+    index: int
+    shards: tuple[Shard, ...]
+
+    @property
+    def id(self) -> str:
+        return f"u{self.index:05d}"
+
+    @property
+    def size(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    def describe(self) -> str:
+        """``u00003 (c0012-000000-000031 .. c0040-000000-000012, 29 shards)``: what the UI shows."""
+        a, b = self.shards[0].id, self.shards[-1].id
+        return f"{self.id} ({a})" if a == b else f"{self.id} ({a} .. {b}, {len(self.shards)} shards)"
+
+
+def make_units(shards: list[Shard], shard_size: int) -> list[Unit]:
+    """Group consecutive shards into units of at most ``shard_size`` samples (a shard never exceeds
+    ``shard_size``, so a full-size shard is a unit of its own). Deterministic: every worker that makes
+    the units of the same plan and shard size gets the same list."""
+    units, cur, n = [], [], 0
+    for s in shards:
+        if cur and n + s.size > shard_size:
+            units.append(Unit(len(units), tuple(cur)))
+            cur, n = [], 0
+        cur.append(s)
+        n += s.size
+    if cur:
+        units.append(Unit(len(units), tuple(cur)))
+    return units
+
+
+def plan_units(plan: Plan, generator: str, shard_size: int) -> list[Unit]:
+    return make_units(make_shards(plan, generator, shard_size), shard_size)
+
+
 def parse_shard_spec(spec: str | None) -> tuple[int, int]:
     """``"i/n"`` -> (i, n) with 0 <= i < n; None -> (0, 1)."""
     if spec is None:
@@ -98,10 +148,47 @@ def clean_partial(gen_dir: Path, shards: list[Shard]) -> None:
     """Remove temp folders left by an interrupted (killed) run of these shards.
 
     Only this worker's shards: another worker (``--shard j/n``) may be writing its own right now.
+    The folder is listed once (a temp folder is ``.tmp-<shard id>-<random letters, digits, _>``).
     """
-    for s in shards:
-        for p in gen_dir.glob(f".tmp-{s.id}-*"):
-            shutil.rmtree(p, ignore_errors=True)
+    if not gen_dir.is_dir():
+        return
+    ids = {s.id for s in shards}
+    with os.scandir(gen_dir) as it:
+        for e in it:
+            if e.name.startswith(".tmp-") and e.name[5:].rsplit("-", 1)[0] in ids:
+                shutil.rmtree(e.path, ignore_errors=True)
+
+
+def finished_shards(gen_dir: Path) -> set[str]:
+    """Names of the shard folders with ``rows.parquet`` (finished unless damaged; ``shard_done`` checks
+    the files), from one listing of the generator folder."""
+    if not gen_dir.is_dir():
+        return set()
+    with os.scandir(gen_dir) as it:
+        names = [e.name for e in it if not e.name.startswith(".") and e.is_dir()]
+    return {n for n in names if (gen_dir / n / ROWS).is_file()}
+
+
+def run_unit(gen, unit: Unit, gen_dir: Path, after: Callable[[Shard, float], None] | None = None) -> int:
+    """Generate the unfinished shards of ``unit`` in order, each into its own folder, atomically.
+    Returns the number of samples generated (0: every shard was already finished). ``after(shard,
+    seconds)`` is called after each generated shard."""
+    from tailforge.data import atomic_dir
+
+    done = 0
+    for s in unit.shards:
+        if shard_done(gen_dir / s.id):
+            continue
+        t0 = time.perf_counter()
+        with atomic_dir(gen_dir / s.id) as tmp:
+            rows = gen.run_shard(s, tmp)
+            if len(rows) != s.size:  # a generator bug, not a user error
+                raise RuntimeError(f"{s.generator} produced {len(rows)} rows for shard {s.id} of size {s.size}")
+            write_rows(rows, tmp / ROWS)
+        done += s.size
+        if after:
+            after(s, time.perf_counter() - t0)
+    return done
 
 
 def rows_frame(rows: list[dict]) -> pd.DataFrame:
@@ -111,6 +198,17 @@ def rows_frame(rows: list[dict]) -> pd.DataFrame:
             df[col] = None
     front = [c for c in CANDIDATE_COLUMNS]
     return df[front + [c for c in df.columns if c not in front]]
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """A shard's rows as parquet, straight through pyarrow (CANDIDATE_COLUMNS first): a pandas frame per
+    shard costs ten times as much, and a run of 8,000 classes writes 8,000 shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    extra = list(dict.fromkeys(k for r in rows for k in r if k not in CANDIDATE_COLUMNS))
+    cols = {c: [r.get(c) for r in rows] for c in [*CANDIDATE_COLUMNS, *extra]}
+    pq.write_table(pa.table(cols), path)
 
 
 def base_row(shard: Shard, index: int, run_seed: int, source: str, uri: str) -> dict:
@@ -127,19 +225,25 @@ def collect_candidates(run: RunDir, plan: Plan | None = None) -> pd.DataFrame:
     With ``plan``, rows beyond the plan's quota of their class (shards left over from an older,
     larger plan) are left out, and a sample present in two shards (an older shard size) counts once.
     """
-    frames = []
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     syn = run.root / "synthetic"
     # a source view (run.source) collects its own generator's shards; the run's own candidates every other's
     pattern = f"{run.source}/*/{ROWS}" if run.source else f"*/*/{ROWS}"
     others = set(run.sources()) if not run.source else set()
-    if syn.is_dir():
-        for rows in sorted(syn.glob(pattern)):
-            if rows.parent.name.startswith(".") or rows.parent.parent.name in others:
-                continue
-            frames.append(pd.read_parquet(rows))
-    if not frames:
+    files = [p for p in sorted(syn.glob(pattern)) if not p.parent.name.startswith(".")
+             and p.parent.parent.name not in others] if syn.is_dir() else []
+    if not files:
         return rows_frame([])
-    df = pd.concat(frames, ignore_index=True)
+    # one arrow concat, not a pandas concat of thousands of small frames (one per shard); pyarrow reads
+    # in threads without the GIL
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        tables = list(pool.map(pq.read_table, files))
+    table = pa.concat_tables(tables, promote_options="default")
+    df = table.replace_schema_metadata(None).to_pandas()  # shards written by pandas carry an index record
     if plan is not None:
         quota = {q.label: q.generate for q in plan.classes}
         df = df[df["index"].astype(int) < df["label"].map(quota).fillna(0).astype(int)]
@@ -178,12 +282,26 @@ def resolve_device(device: str) -> str:
     return device
 
 
+_TRAIN_ROWS: dict[tuple, dict] = {}  # manifest version -> {"df": real train rows, label: row positions}
+_TRAIN_LOCK = threading.Lock()  # thread-runner tasks share the cache
+
+
 def class_rows(run: RunDir, label: int) -> pd.DataFrame:
-    """Real train rows of one class (exemplars for img2img)."""
+    """Real train rows of one class (exemplars for img2img). The manifest is read and grouped by class
+    once per process and manifest version, not once per shard (thousands of classes)."""
     from tailforge.data import read_manifest
 
-    df = read_manifest(run.require(run.real, "measure"))
-    return df[(df["split"] == "train") & (df["source"] == "real") & (df["label"] == label)].reset_index(drop=True)
+    path = run.require(run.real, "measure")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _TRAIN_LOCK:
+        if key not in _TRAIN_ROWS:
+            df = read_manifest(path)
+            df = df[(df["split"] == "train") & (df["source"] == "real")].reset_index(drop=True)
+            _TRAIN_ROWS.clear()
+            _TRAIN_ROWS[key] = {"df": df, **{int(k): v for k, v in df.groupby("label").indices.items()}}
+        got = _TRAIN_ROWS[key]
+    return got["df"].iloc[got.get(int(label), np.zeros(0, np.int64))].reset_index(drop=True)
 
 
 def to_uint8(x) -> np.ndarray:

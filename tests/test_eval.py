@@ -49,6 +49,49 @@ def test_evaluate_writes_metrics_and_plots(run3):
     for k in ("top1", "balanced_acc", "many", "medium", "few", "macro_f1", "ece", "mcc", "kappa"):
         assert res[k] == pytest.approx(ref[k]), k
     assert res["n"] == len(te) and len(res["per_class"]) == 10
+    # the confusion matrix is sparse (its non-empty cells), the JSON one line per key, the classes in a CSV
+    cm = res["confusion"]
+    assert sum(cm["counts"]) == len(te) and len(cm["counts"]) <= len(te)
+    pred = probs.argmax(1)
+    for r, c, n in zip(cm["rows"], cm["cols"], cm["counts"]):
+        assert n == int(((te["label"].to_numpy() == r) & (pred == c)).sum())
+    assert len(out.read_text().splitlines()) == len(json.loads(out.read_text())) + 2
+    import pandas as pd
+
+    table = pd.read_csv(run3.eval_dir / "ce-s0-test-classes.csv")
+    assert len(table) == 10 and table["support"].sum() == len(te)
+    np.testing.assert_allclose(table["accuracy"], res["per_class"], atol=1e-4)
+
+
+def test_plots_of_a_thousand_classes_and_long_names_are_binned_and_warn_nothing(tmp_path):
+    """1,000 classes: the confusion plot bins classes (head -> tail) from the sparse cells; the per-class
+    plot and the class histogram draw every class; 80-character names are shortened, no warning."""
+    import warnings
+
+    from tailforge.data import MeasureConfig
+    from tailforge.data.measure import measure, plot_histogram
+    from tailforge.eval import plots
+    from tailforge.eval.metrics import compute
+
+    rng = np.random.default_rng(0)
+    for c in (1000, 12):
+        counts = np.round(40 * (3 / 40) ** (np.arange(c) / (c - 1))).astype(int)
+        names = [f"{i:05d}-" + "Longspecies name " * 5 for i in range(c)]
+        y = np.repeat(np.arange(c), 2)
+        pred = np.where(rng.random(len(y)) < 0.5, y, rng.integers(0, c, len(y)))
+        m = compute(y, np.eye(c, dtype=np.float32)[pred])
+        binned, order = plots.binned_confusion(m["confusion"], counts)
+        assert binned.shape == (min(c, plots.MAX_MATRIX),) * 2 and np.allclose(binned.sum(1), 1)
+        import pandas as pd
+
+        df = pd.DataFrame({"label": np.repeat(np.arange(c), counts), "split": "train", "source": "real"})
+        stats = measure(df, names, MeasureConfig(), dataset="many")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            plots.confusion_matrix(m["confusion"], counts, names, tmp_path / f"cm{c}.png", "t")
+            plots.per_class_accuracy(m["per_class"], counts.tolist(), stats.groups, names, tmp_path / f"pc{c}.png")
+            plot_histogram(stats, tmp_path / f"h{c}.png")
+        assert all((tmp_path / f"{k}{c}.png").stat().st_size > 5000 for k in ("cm", "pc", "h"))
 
 
 def test_compare_mean_std_and_deltas(run3):

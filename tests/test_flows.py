@@ -175,7 +175,11 @@ def test_benchmark_end_to_end_writes_run_folder_and_artifacts(finished):
                       "report": "markdown"}.items():
         assert arts.get(f"{slug}-{key}") == kind, (key, sorted(arts))
     tasks = task_states(state.state_details.flow_run_id)
-    assert sum(n.startswith("shard ") for n in tasks) == len(cands["shard"].unique())
+    from tailforge import gen
+    from tailforge.data import RunDir
+
+    units = gen.plan_units(gen.Plan.load(RunDir(run)), "ddpm", cfg.generate.shard_size)  # one task per unit
+    assert sum(n.startswith("unit ") for n in tasks) == len(units) < len(cands["shard"].unique())
     assert all(s == "Completed" for s in tasks.values()), tasks
 
 
@@ -226,16 +230,22 @@ def test_interrupted_generation_resumes_to_the_same_samples(finished, tmp_path, 
     finished_shards = list((run / "synthetic" / "ddpm").glob("c*/rows.parquet"))
     assert len(finished_shards) == 1 and not (run / "candidates.parquet").exists()
     assert not list((run / "synthetic" / "ddpm").glob(".tmp-*"))  # failed shards left no partial folder
-    # the first shard was retried once; each later shard failed 1 + retries times, and the flow failed
-    n_shards = len(gen.make_shards(gen.Plan.load(RunDir(run)), "ddpm", cfg.generate.shard_size))
-    assert calls["n"] == 2 + (n_shards - 1) * (1 + cfg.runner.shard_retries)
+    # work units (consecutive shards, about shard_size samples): the first unit's first shard failed once,
+    # then was done on the retry, where its next shard (if any) failed on every remaining attempt; each
+    # later unit failed at its first shard 1 + retries times, and the flow failed
+    units = gen.plan_units(gen.Plan.load(RunDir(run)), "ddpm", cfg.generate.shard_size)
+    r = cfg.runner.shard_retries
+    assert len(units) >= 2 and len(units) < len(gen.make_shards(gen.Plan.load(RunDir(run)), "ddpm", 8))
+    assert calls["n"] == 2 + (r if len(units[0].shards) > 1 else 0) + (len(units) - 1) * (1 + r)
 
     monkeypatch.setattr(gen.ddpm.DDPMGenerator, "run_shard", real_run_shard)
     state = run_benchmark(cfg, "rebalance")
     assert state.is_completed(), state.message
     tasks = task_states(state.state_details.flow_run_id)
-    shard_states = [s for n, s in tasks.items() if n.startswith("shard ")]
-    assert shard_states.count("Cached") == 1 and shard_states.count("Completed") == len(shard_states) - 1
+    unit_states = [s for n, s in tasks.items() if n.startswith("unit ")]
+    first_done = len(units[0].shards) == 1  # the first unit's first shard was finished before the failure
+    assert len(unit_states) == len(units) and unit_states.count("Cached") == int(first_done)
+    assert unit_states.count("Completed") == len(units) - int(first_done)
     assert tasks["measure " + cfg.run] == "Cached" and tasks["plan " + cfg.run] == "Cached"
     again = pd.read_parquet(run / "candidates.parquet")
     assert not again["sample_id"].duplicated().any()

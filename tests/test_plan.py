@@ -87,6 +87,22 @@ def test_shards_cover_the_plan_and_specs_are_checked():
             parse_shard_spec(bad)
 
 
+def test_units_group_small_quotas_and_split_large_ones():
+    from tailforge.gen import Shard, make_units
+
+    quotas = [3] * 2000 + [1000, 7, 0, 5]  # 2,000 tiny classes, one large one, a few small ones
+    shards = [Shard("featcov", c, f"c{c}", a, min(a + 64, n)) for c, n in enumerate(quotas) for a in range(0, n, 64)]
+    units = make_units(shards, 64)
+    assert [s for u in units for s in u.shards] == shards  # every shard once, in plan order
+    assert all(u.size <= 64 for u in units) and [u.index for u in units] == list(range(len(units)))
+    # 6,000 tiny samples: 95 units of 63 (21 classes each) + one of 15; the large class: 15 full units and
+    # one of its last 40 with the two small classes after it (7 + 5)
+    assert len(units) == 2000 // 21 + 1 + 16 and units[0].size == 63 and len(units[0].shards) == 21
+    assert len(units) < len(shards) / 10  # thousands of classes, about (samples / 64) units
+    assert make_units(shards, 64) == units  # deterministic: `--shard i/n` workers agree with each other
+    assert units[0].describe().startswith("u00000 (c0000-000000-000003 .. c0020-") and make_units([], 8) == []
+
+
 def test_plan_cli_writes_plan_json_and_rejects_bad_input(digits_run_copy, capsys):
     from tailforge.data import read_json
     from tailforge.flows.cli import main

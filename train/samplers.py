@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from tailforge.data.errors import unknown_name
+from tailforge.data.longtail import class_indices
 
 
 def _class_draw(labels: np.ndarray, rng: np.random.Generator, class_p: np.ndarray) -> np.ndarray:
@@ -15,12 +16,13 @@ def _class_draw(labels: np.ndarray, rng: np.random.Generator, class_p: np.ndarra
     n = len(labels)
     classes = np.flatnonzero(np.bincount(labels, minlength=len(class_p)) > 0)
     p = class_p[classes] / class_p[classes].sum()
-    members = {c: np.flatnonzero(labels == c) for c in classes}
+    members = class_indices(labels)  # one sort, not one scan of the labels per class
     picks = rng.choice(classes, size=n, p=p)
+    picked = class_indices(picks)
     out = np.empty(n, dtype=np.int64)
-    for c in classes:
-        where = np.flatnonzero(picks == c)
-        out[where] = members[c][rng.integers(0, len(members[c]), size=len(where))]
+    for c in classes:  # the same draws, in the same order, as a scan per class would make
+        where = picked.get(int(c), np.zeros(0, np.int64))
+        out[where] = members[int(c)][rng.integers(0, len(members[int(c)]), size=len(where))]
     return out
 
 

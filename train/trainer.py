@@ -141,8 +141,11 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    classes = np.unique(y)
-    return float(np.mean([(pred[y == c] == c).mean() for c in classes]))
+    y, pred = np.asarray(y, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    n = np.bincount(y)
+    hit = np.bincount(y[pred == y], minlength=len(n))
+    present = n > 0
+    return float(np.mean(hit[present] / n[present]))
 
 
 # ----------------------------------------------------------------------------- tasks

@@ -1,5 +1,7 @@
-"""The filter's report under ``<run>/filter/``: a per-class table (JSON + markdown), a histogram of the
-scores with their thresholds, and for each tail class a grid of accepted vs rejected images.
+"""The filter's report under ``<run>/filter/``: a per-class table (JSON, CSV and markdown; past a few
+hundred classes the markdown shows the classes that need the most and the worst accepted, the CSV all),
+a histogram of the scores with their thresholds, and for the tail classes (at most ``MAX_GRIDS``, those
+with the largest quota) a grid of accepted vs rejected images.
 
 Every figure here comes from the real TRAIN split (calibration) and the candidates; no val/test data.
 """
@@ -11,12 +13,14 @@ import numpy as np
 import pandas as pd
 
 from tailforge.data.atomic import atomic_path, write_json, write_text
+from tailforge.data.classtable import select_rows, short_name, write_csv
 from tailforge.data.images import load_images
 from tailforge.data.manifest import is_feature
 from tailforge.data.log import grouped, log
 from tailforge.data.run import RunDir
 
 REJECT_REASONS = ("wrong_class", "low_fidelity", "near_copy", "duplicate", "over_quota")
+MAX_GRIDS = 24  # tail classes with an accepted-vs-rejected grid, at most (those with the largest quota)
 COLUMNS = ("label", "class_name", "group", "need", "generated", "accepted", "rate", "mean_score",
            "mean_score_accepted")  # of the class table, then one count column per reject reason
 
@@ -38,25 +42,33 @@ def class_groups(run: RunDir, num_classes: int) -> list[str]:
 
 
 def class_table(out: pd.DataFrame, quotas: dict[int, int], info: dict, groups: list[str]) -> list[dict]:
-    """One row per class with candidates or a quota: generated / accepted / rate / mean score / reasons."""
-    rows, extra = [], reasons(out)[len(REJECT_REASONS):]
+    """One row per class with candidates or a quota: generated / accepted / rate / mean score / reasons.
+    One pass over the candidates (group-bys), not one scan per class."""
+    extra = reasons(out)[len(REJECT_REASONS):]
     labels = sorted(set(out["label"].astype(int)) | {c for c, n in quotas.items() if n > 0})
+    lab = out["label"].astype(int)
+    acc = out["accepted"].astype(bool)
+    by = out.assign(_lab=lab, _acc=acc, _sacc=out["score"].where(acc)).groupby("_lab")
+    gen, n_acc = by.size(), by["_acc"].sum()
+    mean, mean_acc = by["score"].mean(), by["_sacc"].mean()
+    per_reason = pd.crosstab(lab, out["reason"]) if len(out) else pd.DataFrame()
+    rows = []
     for c in labels:
-        part = out[out["label"] == c]
-        acc = part[part["accepted"]]
+        n, a = int(gen.get(c, 0)), int(n_acc.get(c, 0))
+        ms, ma = mean.get(c), mean_acc.get(c)
         row = {
             "label": c,
             "class_name": info["class_names"][c],
             "group": groups[c],
             "need": int(quotas.get(c, 0)),
-            "generated": len(part),
-            "accepted": len(acc),
-            "rate": round(len(acc) / len(part), 4) if len(part) else 0.0,
-            "mean_score": round(float(part["score"].mean()), 4) if len(part) else None,
-            "mean_score_accepted": round(float(acc["score"].mean()), 4) if len(acc) else None,
+            "generated": n,
+            "accepted": a,
+            "rate": round(a / n, 4) if n else 0.0,
+            "mean_score": round(float(ms), 4) if n and pd.notna(ms) else None,
+            "mean_score_accepted": round(float(ma), 4) if a and pd.notna(ma) else None,
         }
         for r in [*REJECT_REASONS, *extra]:
-            row[r] = int((part["reason"] == r).sum())
+            row[r] = int(per_reason.at[c, r]) if r in per_reason.columns and c in per_reason.index else 0
         rows.append(row)
     return rows
 
@@ -91,8 +103,11 @@ def markdown(table: list[dict], warns: list[str], calibrations: dict, backend: s
     for name, cal in calibrations.items():
         lines.append(f"- space `{name}`: near-copy ceiling {cal.novelty_ceiling:.4f}, duplicate threshold "
                      f"{cal.duplicate_threshold:.4f}" + (f"; {'; '.join(cal.notes)}" if cal.notes else ""))
+    shown, note = select_rows(table, "need", "rate", most=True)
+    if note:  # thousands of classes: those that need the most and those worst served; all in classes.csv
+        lines += ["", f"{note}; every class: `classes.csv`."]
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in table:
+    for r in shown:
         lines.append("| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |")
     total_gen, total_acc = sum(r["generated"] for r in table), sum(r["accepted"] for r in table)
     lines += ["", f"Total: {total_acc} of {total_gen} candidates accepted.", ""]
@@ -167,7 +182,7 @@ def plot_grid(run: RunDir, out: pd.DataFrame, label: int, info: dict, n: int, pa
                 tag = "ok" if what == "accepted" else sel["reason"].iloc[j]
                 ax.set_title(f"{tag}\n{sel['score'].iloc[j]:.2f}", fontsize=7)
         axes[r, 0].text(-0.15, 0.5, what, transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right")
-    fig.suptitle(f"class {label} ({info['class_names'][label]}): accepted vs rejected (score)", fontsize=9)
+    fig.suptitle(f"class {label} ({short_name(info['class_names'][label], 40)}): accepted vs rejected (score)", fontsize=9)
     _save(fig, path)
     return True
 
@@ -186,12 +201,17 @@ def write_report(run: RunDir, out: pd.DataFrame, quotas: dict[int, int], calibra
     report = {"split": "train (real) for calibration", "backend": backend, "classes": table, "warnings": warns,
               "calibration": {n: c.to_dict() for n, c in calibrations.items()},
               "accepted": int(out["accepted"].sum()), "candidates": len(out)}
-    write_json(d / "classes.json", report)
+    write_json(d / "classes.json", report, compact=True)
+    write_csv(d / "classes.csv", table, [*COLUMNS, *reasons(table)])
     write_text(d / "classes.md", markdown(table, warns, calibrations, backend, note))
     plot_scores(out, calibrations, d / "scores.png")
     tail = [c for c in sorted(set(out["label"].astype(int))) if groups[c] == "few"]
     if not any(g in ("many", "medium", "few") for g in groups):
         tail = [c for c in sorted(set(out["label"].astype(int))) if quotas.get(c, 0) > 0]
+    if len(tail) > MAX_GRIDS:  # thousands of tail classes: the grids of those that need the most
+        tail = sorted(sorted(tail, key=lambda c: -quotas.get(c, 0))[:MAX_GRIDS])
+    if is_feature(out).all():
+        tail = []  # feature candidates: nothing to picture
     grids = []
     for c in tail:
         safe = re.sub(r"[^A-Za-z0-9_-]+", "-", info["class_names"][c])[:40]
@@ -199,5 +219,5 @@ def write_report(run: RunDir, out: pd.DataFrame, quotas: dict[int, int], calibra
         if plot_grid(run, out, c, info, cfg.grid_samples, p):
             grids.append(p.name)
     report["grids"] = grids
-    write_json(d / "classes.json", report)
+    write_json(d / "classes.json", report, compact=True)
     return report
