@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import platform
 import shutil
 import statistics
@@ -96,7 +97,8 @@ def main() -> None:
         "",
         f"The default digits run's baseline (flows/default.yaml: tiny CNN, {epochs} epochs, batch "
         f"{base.batch_size}; CPU, 1 torch thread), trained {args.repeats} times with `train.tensorboard` on and "
-        f"off, interleaved. Machine: {platform.processor() or platform.machine()}, shared with other jobs. "
+        f"off, interleaved. Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared "
+        f"with other jobs (load average {os.getloadavg()[0]:.1f} at the end). "
         "Times are mean ± std over the repeats. No split is involved: these are times, not accuracies.",
         "",
         "| | per training | per epoch |",
