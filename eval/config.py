@@ -35,11 +35,13 @@ class CompareConfig(BaseModel):
     headroom: bool = Field(False, description="benchmark: estimate the room from the real train and val splits alone "
                            "(`tailforge headroom`: the recipe re-run with the topped-up classes thinned, its learning "
                            "curve extrapolated to the plan's quota); eval/headroom.json and a report section")
-    headroom_fractions: list[float] = Field([0.5, 0.25], description="headroom: fractions of the topped-up classes' "
+    headroom_fractions: list[float] = Field([0.5], description="headroom: fractions of the topped-up classes' "
                                             "real train images each learning-curve point keeps (each costs one "
-                                            "backbone + cRT training)")
-    headroom_fit: Literal["power", "log", "power-span", "log-span", "quad"] = Field("power", description="headroom: the learning curve's model "
-                                                  "(tailforge.eval.room; chosen on VAL: bench/results/room_table.md)")
+                                            "backbone + cRT training; [0.5] with the power-span fit was chosen on "
+                                            "VAL across four datasets: bench/results/room_table.md)")
+    headroom_fit: Literal["power-span", "power", "log", "log-span", "scale", "quad"] = Field(
+        "power-span", description="headroom: the learning curve's model (tailforge.eval.room; chosen on VAL: "
+        "bench/results/room_table.md)")
     bootstrap: int = Field(1000, ge=100, description="paired bootstrap replicates (test images re-drawn within each "
                            "class) behind the report's intervals")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="level of the report's intervals: a difference is "

@@ -39,8 +39,10 @@ curve of their val error is extrapolated to the plan's quota. The model (``fit``
   measured on (extrapolation error grows with the distance: Mahmood et al. 2022).
 
 The interval re-fits the curve on ``B`` class-stratified bootstrap draws of the val images (paired across
-the curve's models). Which fit is the default was chosen on VAL against the exact oracle
-(bench/results/room_table.md).
+the curve's models). The default, ``power-span`` on the half-data point alone (the loss from halving each
+topped-up class predicts the gain from doubling it, capped at its quota), was chosen on VAL against the
+exact oracle across datasets (bench/results/room_table.md): every fit that extrapolates further over-shot
+the oracle, because at the recipe's fixed budget more data helps less than less data hurts.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
         "their real train images (compare.headroom_fractions, the same optimizer steps), predict the VAL split "
         "with each, and extrapolate the learning curve to the plan's quota. Writes eval/headroom.json (room, "
         "low, high in points of balanced accuracy, per group). Never uses held-back or test images, so it works "
-        "on a folder that is long-tailed as it is (profile none). Costs about twice the real-only arm with its "
+        "on a folder that is long-tailed as it is (profile none). Costs about one more real-only arm with its "
         "backbone; finished models are reused.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
