@@ -95,9 +95,19 @@ def collect(run: Path, secs: float | None = None) -> dict:
     for f, name in hr["models"].items():
         y, preds[float(f)] = load_pred(r, name, "val")
     for name, sub in variants(preds):
-        e = estimate_room(y, sub, stats.counts["train"], need, stats.groups, fit=name.split("@")[0], b=200)
+        e = estimate_room(y, sub, stats.counts["train"], need, stats.groups, fit=name.split("@")[0], b=200,
+                          confidence=0.9)
         row[f"est_{name}"] = e["room"]
         row[f"est_{name}_low"], row[f"est_{name}_high"] = e["low"], e["high"]
+    # the product's default estimator (CompareConfig), re-computed from the stored VAL predictions: a run made
+    # before the default was chosen on VAL has another fit in its eval/headroom.json
+    from tailforge.eval.config import CompareConfig
+
+    d = CompareConfig()
+    name = f"{d.headroom_fit}@{','.join(str(f) for f in d.headroom_fractions)}"
+    if f"est_{name}" in row:
+        row["est"], row["est_low"], row["est_high"], row["est_fit"] = (row[f"est_{name}"], row[f"est_{name}_low"],
+                                                                       row[f"est_{name}_high"], name)
     return row
 
 
