@@ -208,8 +208,9 @@ def curves(rd: Path) -> dict:
     log.jsonl, or the resumable state's log of a training still running)."""
     out = {}
     for name in ORDER:
-        base = arm_folder(rd, name) / "models"
-        for log in (base / name / "log.jsonl", base / f".work-{name}" / "log.jsonl"):
+        logs = [f / "models" / sub / "log.jsonl" for f in (rd, rd.parent / f"{rd.name}-{name}")
+                for sub in (name, f".work-{name}")]
+        for log in logs:
             if log.exists():
                 out[name] = [json.loads(x)["val_balanced_acc"] for x in log.read_text().splitlines() if x.strip()]
                 break
