@@ -144,8 +144,9 @@ def table(res: dict) -> str:
                    f"{ms([r['room_test'] for r in rows])} | {ms([r['est'] for r in rows])} | "
                    f"[{np.mean([r['est_low'] for r in rows]):+.2f}, {np.mean([r['est_high'] for r in rows]):+.2f}] | "
                    f"{cap} |")
-    names = [k[4:] for k in next(iter(res.values()))[0] if k.startswith("est_") and "@" in k
-             and not k.endswith(("_low", "_high"))]
+    every = [set(r) for rows in res.values() for r in rows]  # estimators every run has (runs made with fewer
+    names = [k[4:] for k in next(iter(res.values()))[0] if k.startswith("est_") and "@" in k  # curve points
+             and not k.endswith(("_low", "_high")) and all(k in e for e in every)]  # have fewer)
     out += ["", "Choosing the estimator on VAL: each fit (tailforge.eval.room) on each set of learning-curve points "
             "(`@0.5,0.25`: both thinned models; `@0.5`: the half-data model only), its estimate against the exact "
             "room on VAL, mean over seeds; the last columns: mean |error| over the datasets and the largest:", "",
