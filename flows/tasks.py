@@ -446,11 +446,10 @@ def train_task(run: str, train_cfg, name: str, upstream: str = "") -> str:
     """
     from tailforge import train
 
-    r = RunDir(run)
+    r = RunDir(run, getattr(train_cfg, "synthetic_source", None))  # the synthetic rows' source view
     ident = train_cfg.identity() if hasattr(train_cfg, "identity") else train_cfg.model_dump(mode="json")
-    v = r.view(getattr(train_cfg, "synthetic_source", None))
-    data_key = _file_key(v.filtered) if getattr(train_cfg, "synthetic", "none") == "filtered" else \
-        _file_key(v.candidates) if getattr(train_cfg, "synthetic", "none") == "candidates" else ""
+    data_key = _file_key(r.filtered) if getattr(train_cfg, "synthetic", "none") == "filtered" else \
+        _file_key(r.candidates) if getattr(train_cfg, "synthetic", "none") == "candidates" else ""
     base_key = _file_key(r.model_dir(train_cfg.base) / "model.safetensors") \
         if getattr(train_cfg, "stage", "full") == "crt" and train_cfg.base else ""
     key = settings_key(ident, name, upstream, data_key, _file_key(r.real), base_key)
