@@ -54,7 +54,7 @@ from .config import TrainConfig
 from .losses import effective_weights, kd_loss
 
 KD_LOSSES: dict[str, type["KDLoss"]] = {}
-GROUPS = ("many", "medium", "few")
+from tailforge.data.measure import GROUPS  # noqa: E402  (one definition of the groups)
 
 
 def register(name: str):
