@@ -75,14 +75,30 @@ def sh(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}; see {log}")
 
 
-def teacher(rd: Path, seed: int, config: str, log: Path):
-    """The run folder, its measure, and the recipe's ``backbone`` and ``real-only`` (the benchmark flow's)."""
+def teacher(rd: Path, seed: int, config: str, log: Path, teachers: Path | None = None):
+    """The run folder, its measure, and the recipe's ``backbone`` and ``real-only`` (the benchmark flow's).
+
+    With ``teachers`` (e.g. runs/room, bench/room_table.py's run folders): where ``<teachers>/fmnist100-s<seed>``
+    has finished its ``backbone`` and ``real-only`` (the same recipe, data and seeds), ``rd`` is a linked copy of
+    it and nothing is trained again; that folder is only read."""
     from tailforge.data import RunDir
     from tailforge.flows.config import check_run_folder, load_config, write_config
     from tailforge.train import fit
 
     cfg = load_config(config, {"run": str(rd), "data": {"dataset": "fashion-mnist", "imbalance": 100, "seed": seed},
                                "train": {"seed": seed}, "generate": {"seed": seed}})
+    src = teachers / f"fmnist100-s{seed}" if teachers else None
+    if src is not None and all((src / "models" / n / "model.safetensors").exists() for n in ("backbone", "real-only")):
+        theirs = load_config(src / "config.yaml", {})
+        for part in ("data", "train"):  # the same data and training settings, or the teacher is not the recipe's
+            a, b = getattr(theirs, part).model_dump(), getattr(cfg, part).model_dump()
+            diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "run"}
+            if diff:
+                raise SystemExit(f"{src}: its {part} settings differ from the recipe's: {diff}")
+        if not (rd / "config.yaml").exists():
+            linked_copy(src, rd)
+            log_line(log, f"teacher of seed {seed}: {src} (backbone, real-only) linked into {rd}")
+        return load_config(rd / "config.yaml", {"run": str(rd)})
     check_run_folder(cfg)
     write_config(cfg)
     run = RunDir(rd)
@@ -129,6 +145,28 @@ def student(rd: Path, name: str, extra: list[str], log: Path) -> None:
     log_line(log, f"trained {name} in {rd} ({time.time() - t0:.0f} s)")
 
 
+def lossaug(rd: Path, cfg, log: Path) -> None:
+    """The recipe with loss-guided augmentation: ``recipe.backbone_aug_policy: loss_guided`` (its backbone
+    ``backbone-lg``, the backbone's settings and steps plus train/lossaug.py with its defaults), then the
+    recipe's cRT head on it (``lossaug``), as the flow builds them from that config."""
+    from tailforge.data import RunDir
+    from tailforge.train import fit
+
+    if (arm_folder(rd, "lossaug") / "models" / "lossaug" / "model.safetensors").exists():
+        return
+    own = rd.parent / f"{rd.name}-lossaug"
+    linked_copy(rd, own)
+    run = RunDir(own)
+    lg = cfg.model_copy(update={"recipe": cfg.recipe.model_copy(update={"backbone_aug_policy": "loss_guided"})})
+    bb = lg.backbone_train()
+    assert bb.aug_policy == "loss_guided"
+    t0 = time.time()
+    if not (run.model_dir("backbone-lg") / "model.safetensors").exists():
+        fit(run, bb, "backbone-lg")
+    fit(run, lg.real_only_train().model_copy(update={"base": "backbone-lg"}), "lossaug")
+    log_line(log, f"trained backbone-lg + lossaug in {own} ({time.time() - t0:.0f} s)")
+
+
 def evaluate_all(rd: Path, names: list[str]) -> dict:
     from tailforge.data import RunDir, read_json
     from tailforge.eval import evaluate
@@ -151,7 +189,7 @@ def evaluate_all(rd: Path, names: list[str]) -> dict:
     return out
 
 
-ORDER = ["real-only", "backbone", *ARMS]
+ORDER = ["real-only", "backbone", *ARMS, "lossaug"]
 
 
 def table(results: dict) -> str:
@@ -243,6 +281,9 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--work", default="runs/bench-kd")
+    ap.add_argument("--teachers", default=None, help="reuse the recipe's backbone and real-only of these run folders "
+                    "(bench/room_table.py's runs/room: <dir>/fmnist100-s<seed>) instead of training them again")
+    ap.add_argument("--no-lossaug", action="store_true", help="leave out the loss-guided augmentation arm")
     ap.add_argument("--out", default=str(ROOT / "bench/results/kd_table"))
     ap.add_argument("--partial", action="store_true", help="only write <out>_partial.md: VAL curves of the "
                     "trainings so far (from their logs), while they still run")
@@ -265,9 +306,11 @@ def main(argv=None):
     results = old.get("results", {})
     for seed in a.seeds:
         rd = work / f"fmnist-if100-s{seed}"
-        teacher(rd, seed, a.config, log)
+        cfg = teacher(rd, seed, a.config, log, Path(a.teachers) if a.teachers else None)
         for arm in a.arms:
             student(rd, arm, ARMS[arm], log)
+        if not a.no_lossaug:
+            lossaug(rd, cfg, log)
         results[str(seed)] = {**results.get(str(seed), {}), **evaluate_all(rd, ORDER)}
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text(out.with_suffix(".json"), json.dumps({"results": results, "arms": ARMS,

@@ -241,7 +241,7 @@ def generation_only(c: int, n_max: int, n_min: int, root: Path, shard_size: int 
     from tailforge.data import RunDir
     from tailforge.gen.base import Generator
     from tailforge.gen.planner import ClassQuota, Plan
-    from tailforge.gen.shards import base_row, clean_partial, collect_candidates, finished_shards, make_units, make_shards, run_unit
+    from tailforge.gen.shards import base_row, clean_partial, collect_candidates, finished_folders, make_units, make_shards, run_unit
 
     class Features(Generator):
         name = source = "featcov"
@@ -252,7 +252,7 @@ def generation_only(c: int, n_max: int, n_min: int, root: Path, shard_size: int 
         def run_shard(self, shard, out_dir):
             rng = np.random.default_rng([shard.label, shard.start])
             np.save(out_dir / "features.npy", rng.standard_normal((shard.size, dim)).astype(np.float32))
-            return [{**base_row(shard, i, 0, "featcov", f"synthetic/featcov/{shard.id}/features.npy#{k}"),
+            return [{**base_row(shard, i, 0, "featcov", self.uri(shard, f"features.npy#{k}")),
                      "feature_model": "backbone"} for k, i in enumerate(shard.indices())]
 
     n = counts(c, n_max, n_min)
@@ -268,8 +268,8 @@ def generation_only(c: int, n_max: int, n_min: int, root: Path, shard_size: int 
     t0 = time.perf_counter()
     shards = make_shards(plan, "featcov", shard_size)
     units = make_units(shards, shard_size)
-    clean_partial(gen_dir, shards)
-    finished_shards(gen_dir)
+    clean_partial(gen_dir, units)
+    finished_folders(gen_dir)
     t["plan to units"] = time.perf_counter() - t0
     g = Features()
     t0 = time.perf_counter()

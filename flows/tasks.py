@@ -272,16 +272,16 @@ def _before_shards(run: RunDir, gen_cfg) -> None:
     """Before the shards fan out (none runs yet; the run folder's lock keeps other runs out): remove the
     partial ``.tmp-<shard>-*`` folders of killed attempts (a SIGKILLed Dask worker or run), and warn in
     one line when the unfinished shards may not fit on the disk."""
-    from tailforge.gen import make_shards
+    from tailforge.gen import plan_units
     from tailforge.gen.planner import Plan
-    from tailforge.gen.shards import clean_partial, finished_shards
+    from tailforge.gen.shards import clean_partial, finished_folders
     from tailforge.gen.space import space_warning
 
-    shards = make_shards(Plan.load(run), gen_cfg.generator, gen_cfg.shard_size)
+    units = plan_units(Plan.load(run), gen_cfg.generator, gen_cfg.shard_size)
     gen_dir = run.synthetic(gen_cfg.generator)
-    clean_partial(gen_dir, shards)
-    there = finished_shards(gen_dir)  # one listing of the folder, not one look-up per shard
-    warn = space_warning(run, gen_cfg.generator, sum(s.size for s in shards if s.id not in there))
+    clean_partial(gen_dir, units)
+    there = finished_folders(gen_dir)  # one listing of the folder, not one look-up per unit
+    warn = space_warning(run, gen_cfg.generator, sum(u.size for u in units if u.folder not in there))
     if warn:
         get_run_logger().warning(warn)
 
@@ -317,13 +317,13 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
       retry_delay_seconds=1, retry_condition_fn=_retry_unless_user_error)
 def generate_unit_task(run: str, gen_cfg, unit) -> int:
     """Generate one work unit (``gen.shards.Unit``: consecutive shards, each a class and an index range,
-    about ``shard_size`` samples in all): each unfinished shard into ``synthetic/<gen>/<shard>/``,
-    atomically, in order; finished shards are skipped (a retry redoes only what is missing)."""
-    from tailforge.gen.shards import run_unit, shard_done
+    about ``shard_size`` samples in all) into its folder ``synthetic/<gen>/<unit folder>/``, atomically; a
+    finished unit is skipped (a retry redoes the unit)."""
+    from tailforge.gen.shards import run_unit, unit_done
 
     r = RunDir(run)
     gen_dir = r.synthetic(gen_cfg.generator)
-    if all(shard_done(gen_dir / s.id) for s in unit.shards):
+    if unit_done(gen_dir, unit):
         return cached(f"unit {unit.describe()}", r, unit.size)
     g = generator_for(r, shard_device(gen_cfg))
     run_unit(g, unit, gen_dir)

@@ -34,7 +34,9 @@ class Generator:
 
     # helpers shared by the image generators
     def uri(self, shard: Shard, filename: str) -> str:
-        return f"synthetic/{self.name}/{shard.id}/{filename}"
+        from .shards import shard_dir
+
+        return f"synthetic/{self.name}/{shard_dir(shard)}/{filename}"
 
     def fit_to_dataset(self, img: np.ndarray) -> np.ndarray:
         """uint8 HxWxC at any size/channels -> the dataset's size and channels (antialiased, grey if grey)."""

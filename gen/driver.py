@@ -23,8 +23,8 @@ from .planner import Plan
 from .sd import SDGenerator
 from .space import space_warning
 from .warp import WarpGenerator
-from .shards import (Progress, clean_partial, collect_candidates, finished_shards, parse_shard_spec, plan_units,
-                     quiet_hf, run_unit, shard_done, write_candidates)
+from .shards import (Progress, clean_partial, collect_candidates, finished_folders, parse_shard_spec, plan_units,
+                     quiet_hf, run_unit, unit_done, write_candidates)
 
 GENERATORS: dict[str, type[Generator]] = {"ddpm": DDPMGenerator, "featdict": FeatDictGenerator,
                                           "featcov": FeatCovGenerator, "fdiff": FDiffGenerator, "sd": SDGenerator,
@@ -48,19 +48,18 @@ def generate(run: RunDir | str, cfg: GenerateConfig | None = None, progress: Pro
     info = run.dataset_info()
     plan = Plan.load(run)
     units = plan_units(plan, cfg.generator, cfg.shard_size)[worker::workers]
-    shards = [s for u in units for s in u.shards]
     gen_dir = run.synthetic(cfg.generator)
-    clean_partial(gen_dir, shards)
-    there = finished_shards(gen_dir)  # one listing of the folder; shard_done checks each one's files
-    finished = {s.id for s in shards if s.id in there and shard_done(gen_dir / s.id)}
-    todo = [u for u in units if any(s.id not in finished for s in u.shards)]
-    warn = space_warning(run, cfg.generator, sum(s.size for s in shards if s.id not in finished))  # early, not hours in
+    clean_partial(gen_dir, units)
+    there = finished_folders(gen_dir)  # one listing of the folder; unit_done checks each one's files
+    todo = [u for u in units if not unit_done(gen_dir, u, there)]
+    left = sum(u.size for u in todo)
+    warn = space_warning(run, cfg.generator, left)  # early, not hours in
     if warn:
         report(warn)
     total = sum(u.size for u in units)
-    done = sum(s.size for s in shards if s.id in finished)
+    done = total - left
     if progress:
-        progress(done, total, {"stage": "generate", "generator": cfg.generator, "skipped_shards": len(finished)})
+        progress(done, total, {"stage": "generate", "generator": cfg.generator, "skipped_units": len(units) - len(todo)})
     if todo:
         quiet_hf()
         gen = GENERATORS[cfg.generator](run, cfg, info)
@@ -73,7 +72,7 @@ def generate(run: RunDir | str, cfg: GenerateConfig | None = None, progress: Pro
                     progress(done, total, {"stage": "generate", "generator": cfg.generator, "unit": u.id,
                                            "shard": s.id, "class": s.class_name, "seconds": round(seconds, 3)})
 
-            run_unit(gen, u, gen_dir, after)
+            run_unit(gen, u, gen_dir, after, there)
     df = collect_candidates(run, plan)
     write_candidates(run, df)
     return df

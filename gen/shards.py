@@ -2,17 +2,22 @@
 that runs them is ``driver.py``, above the generators).
 
 A shard is one class and an index range ``[start, stop)`` of that class's planned samples (at most
-``shard_size`` of them). It is written as ``synthetic/<gen>/<shard-id>/`` (files + ``rows.parquet``)
-through ``tailforge.data.atomic_dir``: the folder appears complete or not at all, so Ctrl-C mid-shard
-leaves only a ``.tmp-*`` folder that the next run removes. A folder with ``rows.parquet`` whose files
-match its ``.integrity.json`` is finished and is skipped on re-run; a damaged one is generated again.
+``shard_size`` of them). Work is handed out in units, not shards (``make_units``): consecutive shards, in
+plan order, add up to about ``shard_size`` samples per unit, so 8,000 classes of 20 samples make about as
+many units as 300 classes of 512 (a large quota is split into shards of ``shard_size``, a unit of its own
+each). One Prefect task or one ``--shard i/n`` slice is a list of units.
 
-Work is handed out in units, not shards (``make_units``): consecutive shards, in plan order, add up to
-about ``shard_size`` samples per unit, so 8,000 classes of 20 samples make about as many units as 300
-classes of 512 (a large quota is split into shards of ``shard_size``, a unit of its own each). One
-Prefect task or one ``--shard i/n`` slice is a list of units; a unit runs its shards in order, each
-still written and skipped on its own. Every step over the shards is linear in their number: the
-generator folder is listed once (``clean_partial``, ``finished_shards``), never once per shard.
+A unit is written as ONE folder, ``synthetic/<gen>/<unit folder>/``, through
+``tailforge.data.atomic_dir``: it appears complete or not at all, so Ctrl-C mid-unit leaves only a
+``.tmp-*`` folder that the next run removes. A unit of one shard is the shard's own folder
+(``c0012-000000-000512/``: files + ``rows.parquet``); a unit of several small shards packs them,
+``c0012-000000-000031+29/`` with one sub-folder of files per shard and one ``rows.parquet`` and integrity
+record for all (``Unit.folder``). So the fixed cost per folder (a parquet file, an integrity record, a
+rename, and a read when candidates are collected) is paid per unit, not per class: 8,142 classes cost
+what their samples cost. A folder with ``rows.parquet`` whose files match its ``.integrity.json`` is
+finished and is skipped on re-run; a damaged one is generated again. Folders of an older layout (one per
+shard) still count as finished. Every step over the units is linear in their number: the generator
+folder is listed once (``clean_partial``, ``finished_folders``), never once per shard.
 """
 from __future__ import annotations
 
@@ -93,6 +98,18 @@ class Unit:
     def size(self) -> int:
         return sum(s.size for s in self.shards)
 
+    @property
+    def folder(self) -> str:
+        """The unit's folder under ``synthetic/<gen>/``: the shard id for a unit of one shard (as the layout
+        of one folder per shard had it), ``<first shard id>+<number of shards>`` for a packed unit (a shard
+        is in exactly one unit, so the name is unique; a new plan makes new names)."""
+        first = self.shards[0].id
+        return first if len(self.shards) == 1 else f"{first}+{len(self.shards)}"
+
+    def shard_dir(self, shard: Shard) -> str:
+        """Where ``shard``'s files go, relative to ``synthetic/<gen>/``."""
+        return self.folder if len(self.shards) == 1 else f"{self.folder}/{shard.id}"
+
     def describe(self) -> str:
         """``u00003 (c0012-000000-000031 .. c0040-000000-000012, 29 shards)``: what the UI shows."""
         a, b = self.shards[0].id, self.shards[-1].id
@@ -144,24 +161,24 @@ def shard_done(folder: Path) -> bool:
     return folder_ok(folder, f"shard {folder.name}", show_root=folder.parent.parent.parent)
 
 
-def clean_partial(gen_dir: Path, shards: list[Shard]) -> None:
-    """Remove temp folders left by an interrupted (killed) run of these shards.
+def clean_partial(gen_dir: Path, units: list[Unit]) -> None:
+    """Remove temp folders left by an interrupted (killed) run of these units.
 
-    Only this worker's shards: another worker (``--shard j/n``) may be writing its own right now.
-    The folder is listed once (a temp folder is ``.tmp-<shard id>-<random letters, digits, _>``).
+    Only this worker's units: another worker (``--shard j/n``) may be writing its own right now.
+    The folder is listed once (a temp folder is ``.tmp-<unit folder>-<random letters, digits, _>``).
     """
     if not gen_dir.is_dir():
         return
-    ids = {s.id for s in shards}
+    ids = {u.folder for u in units} | {s.id for u in units for s in u.shards}  # and the one-folder-per-shard layout
     with os.scandir(gen_dir) as it:
         for e in it:
             if e.name.startswith(".tmp-") and e.name[5:].rsplit("-", 1)[0] in ids:
                 shutil.rmtree(e.path, ignore_errors=True)
 
 
-def finished_shards(gen_dir: Path) -> set[str]:
-    """Names of the shard folders with ``rows.parquet`` (finished unless damaged; ``shard_done`` checks
-    the files), from one listing of the generator folder."""
+def finished_folders(gen_dir: Path) -> set[str]:
+    """Names of the unit (or older shard) folders with ``rows.parquet`` (finished unless damaged;
+    ``shard_done`` checks the files), from one listing of the generator folder."""
     if not gen_dir.is_dir():
         return set()
     with os.scandir(gen_dir) as it:
@@ -169,26 +186,52 @@ def finished_shards(gen_dir: Path) -> set[str]:
     return {n for n in names if (gen_dir / n / ROWS).is_file()}
 
 
-def run_unit(gen, unit: Unit, gen_dir: Path, after: Callable[[Shard, float], None] | None = None) -> int:
-    """Generate the unfinished shards of ``unit`` in order, each into its own folder, atomically.
-    Returns the number of samples generated (0: every shard was already finished). ``after(shard,
+_UNIT = threading.local()
+
+
+def shard_dir(shard: Shard) -> str:
+    """The folder of ``shard``'s files under ``synthetic/<gen>/`` while ``run_unit`` runs it in this thread
+    (its unit's folder, or a sub-folder of a packed unit); the shard id otherwise."""
+    return getattr(_UNIT, "dirs", {}).get(shard.id, shard.id)
+
+
+def unit_done(gen_dir: Path, unit: Unit, there: set[str] | None = None) -> bool:
+    """The unit's folder is finished and undamaged, or (a run folder written one folder per shard) each of
+    its shards' folders is. ``there``: ``finished_folders(gen_dir)``, to look nothing up that is absent."""
+    def ok(name: str) -> bool:
+        return (there is None or name in there) and shard_done(gen_dir / name)
+
+    if ok(unit.folder):
+        return True
+    return len(unit.shards) > 1 and all(ok(s.id) for s in unit.shards)
+
+
+def run_unit(gen, unit: Unit, gen_dir: Path, after: Callable[[Shard, float], None] | None = None,
+             there: set[str] | None = None) -> int:
+    """Generate ``unit`` into its folder (``Unit.folder``), atomically, its shards in order.
+    Returns the number of samples generated (0: the unit was already finished). ``after(shard,
     seconds)`` is called after each generated shard."""
     from tailforge.data import atomic_dir
 
-    done = 0
-    for s in unit.shards:
-        if shard_done(gen_dir / s.id):
-            continue
-        t0 = time.perf_counter()
-        with atomic_dir(gen_dir / s.id) as tmp:
-            rows = gen.run_shard(s, tmp)
-            if len(rows) != s.size:  # a generator bug, not a user error
-                raise RuntimeError(f"{s.generator} produced {len(rows)} rows for shard {s.id} of size {s.size}")
-            write_rows(rows, tmp / ROWS)
-        done += s.size
-        if after:
-            after(s, time.perf_counter() - t0)
-    return done
+    if unit_done(gen_dir, unit, there):
+        return 0
+    # the generator's URIs (Generator.uri -> shard_dir) name the folder each shard's files go to; per thread:
+    # the flow's thread runner runs several units at once on one generator
+    _UNIT.dirs = {s.id: unit.shard_dir(s) for s in unit.shards}
+    rows: list[dict] = []
+    with atomic_dir(gen_dir / unit.folder) as tmp:
+        for s in unit.shards:
+            t0 = time.perf_counter()
+            out = tmp if len(unit.shards) == 1 else tmp / s.id
+            out.mkdir(exist_ok=True)
+            got = gen.run_shard(s, out)
+            if len(got) != s.size:  # a generator bug, not a user error
+                raise RuntimeError(f"{s.generator} produced {len(got)} rows for shard {s.id} of size {s.size}")
+            rows += got
+            if after:
+                after(s, time.perf_counter() - t0)
+        write_rows(rows, tmp / ROWS)
+    return unit.size
 
 
 def rows_frame(rows: list[dict]) -> pd.DataFrame:

@@ -227,13 +227,14 @@ def test_interrupted_generation_resumes_to_the_same_samples(finished, tmp_path, 
     state = run_benchmark(cfg, "rebalance")
     assert state.is_failed()
     run = Path(cfg.run)
-    finished_shards = list((run / "synthetic" / "ddpm").glob("c*/rows.parquet"))
-    assert len(finished_shards) == 1 and not (run / "candidates.parquet").exists()
-    assert not list((run / "synthetic" / "ddpm").glob(".tmp-*"))  # failed shards left no partial folder
+    units = gen.plan_units(gen.Plan.load(RunDir(run)), "ddpm", cfg.generate.shard_size)
+    # a unit is written whole or not at all: the first unit is finished only if its one shard is all of it
+    finished = list((run / "synthetic" / "ddpm").glob("c*/rows.parquet"))
+    assert len(finished) == (len(units[0].shards) == 1) and not (run / "candidates.parquet").exists()
+    assert not list((run / "synthetic" / "ddpm").glob(".tmp-*"))  # failed units left no partial folder
     # work units (consecutive shards, about shard_size samples): the first unit's first shard failed once,
     # then was done on the retry, where its next shard (if any) failed on every remaining attempt; each
     # later unit failed at its first shard 1 + retries times, and the flow failed
-    units = gen.plan_units(gen.Plan.load(RunDir(run)), "ddpm", cfg.generate.shard_size)
     r = cfg.runner.shard_retries
     assert len(units) >= 2 and len(units) < len(gen.make_shards(gen.Plan.load(RunDir(run)), "ddpm", 8))
     assert calls["n"] == 2 + (r if len(units[0].shards) > 1 else 0) + (len(units) - 1) * (1 + r)

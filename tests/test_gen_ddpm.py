@@ -26,7 +26,7 @@ def planned(digits_run_copy):
 
 
 def shard_bytes(run) -> dict[str, bytes]:
-    return {str(p.relative_to(run.root)): p.read_bytes() for p in sorted(run.synthetic("ddpm").glob("c*/*.png"))}
+    return {str(p.relative_to(run.root)): p.read_bytes() for p in sorted(run.synthetic("ddpm").glob("c*/**/*.png"))}
 
 
 def test_ddpm_generates_the_plan_at_dataset_size_and_resumes(planned):
@@ -50,13 +50,13 @@ def test_ddpm_generates_the_plan_at_dataset_size_and_resumes(planned):
     imgs = np.stack([np.asarray(Image.open(run.root / u)) for u in df["uri"]])
     assert imgs.std() > 5
 
-    # re-run: every shard skipped, nothing rewritten, no training
+    # re-run: every unit skipped, nothing rewritten, no training
     first = shard_bytes(run)
     mtimes = {p: p.stat().st_mtime_ns for p in run.synthetic("ddpm").glob("c*/" + ROWS)}
     seen = []
     df2 = generate(run, tiny_cfg(), progress=lambda d, t, i: seen.append(i))
     assert df2.equals(df)
-    assert seen == [{"stage": "generate", "generator": "ddpm", "skipped_shards": len(mtimes)}]
+    assert seen == [{"stage": "generate", "generator": "ddpm", "skipped_units": len(mtimes)}]
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
     # same seed -> identical bytes: delete one shard and regenerate it

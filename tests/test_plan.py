@@ -103,6 +103,65 @@ def test_units_group_small_quotas_and_split_large_ones():
     assert units[0].describe().startswith("u00000 (c0000-000000-000003 .. c0020-") and make_units([], 8) == []
 
 
+
+def test_a_unit_is_one_folder_its_uris_resolve_and_old_shard_folders_count_as_done(tmp_path):
+    """Packed units: one folder (one rows.parquet, one integrity record) per unit, not per class; the rows'
+    URIs point at the files; a damaged unit is redone; a run folder written one folder per shard is done."""
+    import shutil
+
+    from tailforge.data import RunDir
+    from tailforge.gen import Shard, make_units
+    from tailforge.gen.base import Generator
+    from tailforge.gen.shards import collect_candidates, finished_folders, run_unit, unit_done
+
+    class Feats(Generator):
+        name = source = "featcov"
+
+        def __init__(self):
+            self.calls = 0
+
+        def run_shard(self, shard, out_dir):
+            self.calls += 1
+            x = np.full((shard.size, 4), shard.label, np.float32) + np.arange(shard.start, shard.stop)[:, None]
+            np.save(out_dir / "features.npy", x)
+            from tailforge.gen.shards import base_row
+
+            return [base_row(shard, i, 0, "featcov", self.uri(shard, f"features.npy#{k}"))
+                    for k, i in enumerate(shard.indices())]
+
+    quotas = [2] * 40 + [20]
+    shards = [Shard("featcov", c, f"c{c}", a, min(a + 8, n)) for c, n in enumerate(quotas) for a in range(0, n, 8)]
+    units = make_units(shards, 8)
+    run = RunDir(tmp_path / "run")
+    gen_dir = run.synthetic("featcov")
+    g = Feats()
+    for u in units:
+        assert run_unit(g, u, gen_dir) == u.size
+    folders = sorted(p.name for p in gen_dir.iterdir())
+    assert folders == sorted(u.folder for u in units) and len(folders) == len(units) < len(shards) / 2
+    assert units[0].folder == "c0000-000000-000002+4" and (gen_dir / units[0].folder / shards[1].id).is_dir()
+    assert len(list(gen_dir.rglob("rows.parquet"))) == len(units)
+    df = collect_candidates(run)
+    assert len(df) == sum(quotas) and df["sample_id"].is_unique
+    for uri, label, index in zip(df["uri"], df["label"], df["index"]):  # every row's file and row, its own values
+        path, row = uri.split("#")
+        assert np.load(run.root / path)[int(row), 0] == label + index
+
+    calls = g.calls
+    assert all(run_unit(g, u, gen_dir) == 0 for u in units) and g.calls == calls  # finished: nothing redone
+    victim = gen_dir / units[0].folder / shards[1].id / "features.npy"
+    victim.write_bytes(victim.read_bytes()[:-8])  # a damaged file inside a packed unit: that unit is redone
+    assert not unit_done(gen_dir, units[0]) and run_unit(g, units[0], gen_dir) == units[0].size
+    assert g.calls == calls + len(units[0].shards) and unit_done(gen_dir, units[0])
+
+    # the older layout, one folder per shard, of the same unit: it counts as finished
+    old = RunDir(tmp_path / "old").synthetic("featcov")
+    old.mkdir(parents=True)
+    for s in units[0].shards:
+        shutil.copytree(gen_dir / units[0].folder / s.id, old / s.id)
+        (old / s.id / "rows.parquet").write_bytes((gen_dir / units[0].folder / "rows.parquet").read_bytes())
+    assert unit_done(old, units[0], finished_folders(old)) and not unit_done(old, units[1], finished_folders(old))
+
 def test_plan_cli_writes_plan_json_and_rejects_bad_input(digits_run_copy, capsys):
     from tailforge.data import read_json
     from tailforge.flows.cli import main
