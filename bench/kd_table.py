@@ -284,6 +284,8 @@ def main(argv=None):
     ap.add_argument("--teachers", default=None, help="reuse the recipe's backbone and real-only of these run folders "
                     "(bench/room_table.py's runs/room: <dir>/fmnist100-s<seed>) instead of training them again")
     ap.add_argument("--no-lossaug", action="store_true", help="leave out the loss-guided augmentation arm")
+    ap.add_argument("--collect-only", action="store_true", help="train nothing: evaluate the finished models of "
+                    "every arm and write the table (arms still training elsewhere are left out)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/kd_table"))
     ap.add_argument("--partial", action="store_true", help="only write <out>_partial.md: VAL curves of the "
                     "trainings so far (from their logs), while they still run")
@@ -306,11 +308,14 @@ def main(argv=None):
     results = old.get("results", {})
     for seed in a.seeds:
         rd = work / f"fmnist-if100-s{seed}"
-        cfg = teacher(rd, seed, a.config, log, Path(a.teachers) if a.teachers else None)
-        for arm in a.arms:
-            student(rd, arm, ARMS[arm], log)
-        if not a.no_lossaug:
-            lossaug(rd, cfg, log)
+        if not a.collect_only:
+            cfg = teacher(rd, seed, a.config, log, Path(a.teachers) if a.teachers else None)
+            for arm in a.arms:
+                student(rd, arm, ARMS[arm], log)
+            if not a.no_lossaug:
+                lossaug(rd, cfg, log)
+        elif not (rd / "models" / "real-only").exists():
+            continue
         results[str(seed)] = {**results.get(str(seed), {}), **evaluate_all(rd, ORDER)}
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text(out.with_suffix(".json"), json.dumps({"results": results, "arms": ARMS,
