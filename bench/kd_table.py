@@ -22,6 +22,9 @@ Fashion-MNIST-LT (imbalance factor 100, Debian's Fashion-MNIST), the product's s
   ``kd-groups``  --kd hinton --kd-group-weights {many: 0.3, medium: 0.7, few: 0.9}: the head leans on its
                  labels, the tail on the (class-balanced) teacher
   ``kd-patch``   --kd hinton --kd-patch 1 (16 random 1x1 locations of the last feature map per image)
+  ``lossaug``    no teacher: the recipe with ``recipe.backbone_aug_policy: loss_guided`` (its backbone
+                 ``backbone-lg`` with train/lossaug.py's defaults, then the recipe's cRT head on it), the
+                 loss-guided augmentation row of the issue's table
 
 Each student trains in its own run folder (``<run>-<arm>``: the data, split, counts and teacher linked from
 ``<run>``), so arms can train in parallel processes (``--arms`` one each; a last pass with every arm only
@@ -31,6 +34,9 @@ No setting was tuned (CPU): the defaults are the papers'; the epoch of every mod
 the trainer; TEST is reported. Every model is evaluated on VAL and TEST.
 
     OMP_NUM_THREADS=1 nice -n 5 python bench/kd_table.py --seeds 0 1 2
+    # the teachers of bench/room_table.py's runs (same recipe, data and seeds), nothing trained twice:
+    OMP_NUM_THREADS=1 nice -n 5 python bench/kd_table.py --seeds 0 1 2 --teachers runs/room
+    python bench/kd_table.py --seeds 0 1 2 --collect-only    # the table from whatever has finished
 
 Results: bench/results/kd_table.md and .json (rewritten after every seed, so a partial run is reported).
 """
@@ -223,8 +229,9 @@ def table(results: dict) -> str:
                      f"{', '.join(str(x) for x in steps)} | {np.mean(secs):.0f} |")
         if arm != "real-only" and d:
             verdict.append((arm, np.mean(d), min(d), max(d), len(d)))
-    lines += ["", "real-only's steps: its head's cRT steps; its frozen backbone took the `backbone` row's steps "
-              "before, so the teacher's network saw the same full-model steps as every student.", ""]
+    lines += ["", "real-only's and lossaug's steps: their head's cRT steps; their frozen backbones (`backbone`, and "
+              "`backbone-lg`: the same with loss-guided augmentation) took the `backbone` row's steps before, so "
+              "every network saw the same full-model steps as every student.", ""]
     if verdict:
         diffs = "; ".join(f"{a} {m * 100:+.2f} [{lo * 100:+.2f}, {hi * 100:+.2f}] ({n} seed{'s' * (n > 1)})"
                           for a, m, lo, hi, n in verdict)
