@@ -244,7 +244,7 @@ def table(results: dict) -> str:
             lines.append("**One seed only: no verdict can be drawn (no spread).** ")
         lines[-1] += f"Test balanced accuracy minus real-only's, mean [min, max]: {diffs}."
     lines += ["", "train s: the training loops' wall time (validation excluded), 1 torch thread on 2 cores shared "
-              "with other jobs (load 10-16): a cost indication, not a benchmark.", ""]
+              "with 3 to 30 other jobs: a cost indication, not a benchmark.", ""]
     return "\n".join(lines)
 
 
