@@ -219,18 +219,21 @@ def run_unit(gen, unit: Unit, gen_dir: Path, after: Callable[[Shard, float], Non
     # the flow's thread runner runs several units at once on one generator
     _UNIT.dirs = {s.id: unit.shard_dir(s) for s in unit.shards}
     rows: list[dict] = []
-    with atomic_dir(gen_dir / unit.folder) as tmp:
-        for s in unit.shards:
-            t0 = time.perf_counter()
-            out = tmp if len(unit.shards) == 1 else tmp / s.id
-            out.mkdir(exist_ok=True)
-            got = gen.run_shard(s, out)
-            if len(got) != s.size:  # a generator bug, not a user error
-                raise RuntimeError(f"{s.generator} produced {len(got)} rows for shard {s.id} of size {s.size}")
-            rows += got
-            if after:
-                after(s, time.perf_counter() - t0)
-        write_rows(rows, tmp / ROWS)
+    try:
+        with atomic_dir(gen_dir / unit.folder) as tmp:
+            for s in unit.shards:
+                t0 = time.perf_counter()
+                out = tmp if len(unit.shards) == 1 else tmp / s.id
+                out.mkdir(exist_ok=True)
+                got = gen.run_shard(s, out)
+                if len(got) != s.size:  # a generator bug, not a user error
+                    raise RuntimeError(f"{s.generator} produced {len(got)} rows for shard {s.id} of size {s.size}")
+                rows += got
+                if after:
+                    after(s, time.perf_counter() - t0)
+            write_rows(rows, tmp / ROWS)
+    finally:
+        _UNIT.dirs = {}  # this unit's folders only while it runs
     return unit.size
 
 

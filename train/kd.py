@@ -50,20 +50,13 @@ import torch.nn.functional as F
 
 from tailforge.data.errors import TailforgeError, unknown_name
 
+from tailforge.data.measure import GROUPS  # one definition of the groups
+
 from .config import TrainConfig
-from .losses import effective_weights, kd_loss
+from .losses import effective_weights, kd_loss, registrar
 
 KD_LOSSES: dict[str, type["KDLoss"]] = {}
-from tailforge.data.measure import GROUPS  # noqa: E402  (one definition of the groups)
-
-
-def register(name: str):
-    def deco(cls):
-        KD_LOSSES[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+register = registrar(KD_LOSSES)
 
 
 def kd_name(cfg: TrainConfig) -> str | None:

@@ -25,13 +25,20 @@ from .config import TrainConfig, drw_start  # noqa: F401 - drw_start: part of th
 LOSSES: dict[str, type["Loss"]] = {}
 
 
-def register(name: str):
-    def deco(cls):
-        LOSSES[name] = cls
-        cls.name = name
-        return cls
+def registrar(table: dict):
+    """``@register(name)`` for a table of classes by name (the losses here, the distillation losses in kd.py)."""
+    def register(name: str):
+        def deco(cls):
+            table[name] = cls
+            cls.name = name
+            return cls
 
-    return deco
+        return deco
+
+    return register
+
+
+register = registrar(LOSSES)
 
 
 def build_loss(cfg: TrainConfig, counts) -> "Loss":
