@@ -87,7 +87,7 @@ def teacher(rd: Path, seed: int, config: str, log: Path, teachers: Path | None =
     With ``teachers`` (e.g. runs/room, bench/room_table.py's run folders): where ``<teachers>/fmnist100-s<seed>``
     has finished its ``backbone`` and ``real-only`` (the same recipe, data and seeds), ``rd`` is a linked copy of
     it and nothing is trained again; that folder is only read."""
-    from tailforge.data import RunDir
+    from tailforge.data import RunDir, TailforgeError
     from tailforge.flows.config import check_run_folder, load_config, write_config
     from tailforge.train import fit
 
@@ -95,12 +95,10 @@ def teacher(rd: Path, seed: int, config: str, log: Path, teachers: Path | None =
                                "train": {"seed": seed}, "generate": {"seed": seed}})
     src = teachers / f"fmnist100-s{seed}" if teachers else None
     if src is not None and all((src / "models" / n / "model.safetensors").exists() for n in ("backbone", "real-only")):
-        theirs = load_config(src / "config.yaml", {})
-        for part in ("data", "train"):  # the same data and training settings, or the teacher is not the recipe's
-            a, b = getattr(theirs, part).model_dump(), getattr(cfg, part).model_dump()
-            diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "run"}
-            if diff:
-                raise SystemExit(f"{src}: its {part} settings differ from the recipe's: {diff}")
+        try:  # the same settings as its outputs were made with, or the teacher is not the recipe's
+            check_run_folder(cfg.model_copy(update={"run": str(src)}))
+        except TailforgeError as e:
+            raise SystemExit(f"--teachers {src}: {e}") from None
         if not (rd / "config.yaml").exists():
             linked_copy(src, rd)
             log_line(log, f"teacher of seed {seed}: {src} (backbone, real-only) linked into {rd}")

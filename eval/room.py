@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tailforge.data.measure import GROUPS  # noqa: E402  (one definition of the groups)
+from tailforge.data.measure import GROUPS  # one definition of the groups
 
 
 def class_sets(counts, groups=None, rare: int = 3) -> dict[str, np.ndarray]:

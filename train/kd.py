@@ -49,7 +49,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tailforge.data.errors import TailforgeError, unknown_name
-
 from tailforge.data.measure import GROUPS  # one definition of the groups
 
 from .config import TrainConfig
