@@ -10,6 +10,22 @@ from .listfiles import file_digest
 
 
 LIST_DATASETS = ("listfile", "inaturalist")  # read published split files: already long-tailed
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
+
+
+def split_folders(root: Union[str, Path, None]) -> Union[dict[str, Path], None]:
+    """``{split: folder}`` when ``root`` holds ``train/`` and ``val/`` or ``test/`` (class folders in each: the
+    layout ``tailforge export`` writes and many datasets ship), else None."""
+    if root is None:
+        return None
+    root = Path(root).expanduser()
+    found = {}
+    for split, names in SPLIT_FOLDERS.items():
+        for n in names:
+            if (root / n).is_dir():
+                found[split] = root / n
+                break
+    return found if "train" in found and len(found) > 1 else None
 
 
 class ListFiles(BaseModel):
@@ -30,16 +46,22 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field("digits", description="registry name: digits, fashion-mnist, cifar10, cifar100, "
-                         "mini-imagenet, imagefolder, listfile (ImageNet-LT / Places-LT list files), inaturalist (iNat JSON)")
+                         "mini-imagenet, imagefolder, listfile (ImageNet-LT / Places-LT list files), inaturalist (iNat JSON), "
+                         "hf (a local Hugging Face dataset: save_to_disk folder or parquet shards)")
     root: Union[Path, None] = Field(None, description="dataset root folder (not needed for digits)")
     download: bool = Field(False, description="allow downloading (cifar/fashion-mnist) when online")
     lists: Union[ListFiles, None] = Field(
         None, description="listfile / inaturalist: the split files, {train: FILE, val: FILE, test: FILE}")
     names: Union[Path, None] = Field(None, description="listfile: class names, one a line (line 1 = label 0); "
                                      "default: the label ids")
+    image_column: Union[str, None] = Field(None, description="hf: the image column (default: the dataset's Image "
+                                           "feature)")
+    label_column: Union[str, None] = Field(None, description="hf: the label column (default: the dataset's "
+                                           "ClassLabel feature, else `label`)")
     profile: Literal["exp", "step", "none"] = Field(
         "exp", description="long-tail profile of the train split: exp (Cao et al. 2019), step, none (as is); "
-        "listfile and inaturalist default to none (their lists are already long-tailed)")
+        "listfile, inaturalist, hf and an imagefolder with train/ val/ test/ folders default to none (their "
+        "splits are kept as they are)")
     imbalance: float = Field(100.0, description="imbalance factor n_max / n_min of the train split (>= 1)")
     step_fraction: float = Field(0.5, gt=0, lt=1, description="step profile: fraction of minority classes")
     class_order: Union[Literal["index", "random"], list[int]] = Field(
@@ -77,12 +99,16 @@ class DataConfig(BaseModel):
 
     @model_validator(mode="after")
     def _list_datasets(self) -> "DataConfig":
-        if self.dataset in LIST_DATASETS:
-            if "profile" not in self.model_fields_set:
-                self.profile = "none"  # keeps the published split; an explicit profile still applies
-        elif self.lists is not None or self.names is not None:
+        as_is = self.dataset in (*LIST_DATASETS, "hf") or (
+            self.dataset == "imagefolder" and split_folders(self.root) is not None)
+        if as_is and "profile" not in self.model_fields_set:
+            self.profile = "none"  # keeps the published split; an explicit profile still applies
+        if self.dataset not in LIST_DATASETS and (self.lists is not None or self.names is not None):
             raise ValueError(f"data.lists and data.names are read by the datasets {', '.join(LIST_DATASETS)}, "
                              f"not by '{self.dataset}'")
+        if self.dataset != "hf" and (self.image_column is not None or self.label_column is not None):
+            raise ValueError(f"data.image_column and data.label_column are read by the dataset hf, not by "
+                             f"'{self.dataset}'")
         return self
 
     def fingerprint(self) -> dict:
@@ -95,7 +121,8 @@ class DataConfig(BaseModel):
         files = {f"lists.{k}": v for k, v in (self.lists.model_dump() if self.lists else {}).items() if v}
         if self.names is not None:
             files["names"] = self.names
-        for key in ("lists", "names"):  # absent for other datasets: their fingerprints stay as they were
+        for key in ("lists", "names", "image_column", "label_column"):  # absent for other datasets: their
+            # fingerprints stay as they were
             if d[key] is None:
                 del d[key]
         for key, f in files.items():

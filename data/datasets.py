@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from . import listfiles
-from .config import DataConfig
+from .config import DataConfig, split_folders
 from .errors import TailforgeError, unknown_name
 from .images import IMAGE_EXTS, is_image_name, open_image
 
@@ -275,17 +275,31 @@ def _files_split(per_class: dict[str, list[str]], names: list[str]) -> RawSplit:
 
 @register("imagefolder")
 def load_imagefolder(cfg: DataConfig) -> RawDataset:
-    """Any ``root/<class>/<image>`` tree (Caltech-101/256, Stanford Cars style); split 70/15/15.
+    """Any ``root/<class>/<image>`` tree (Caltech-101/256, Stanford Cars style), split 70/15/15; or a root with
+    ``train/``, ``val/`` (or ``validation/``) and ``test/`` class folders (the layout ``tailforge export`` writes),
+    whose splits are kept as they are (``profile: none`` unless asked).
 
     One channel when every image is grey (MNIST-like folders), else RGB (grey images among colour ones
     are converted)."""
     root = _need_root(cfg)
     skipped: list[str] = []
     modes: set[str] = set()
-    per_class = _scan_classes(root, cfg.skip_bad, skipped, modes=modes)
-    names = sorted(per_class)
+    folders = split_folders(root)
+    if folders is None:
+        per_class = _scan_classes(root, cfg.skip_bad, skipped, modes=modes)
+        names = sorted(per_class)
+        splits = {"all": _files_split(per_class, names)}
+    else:
+        parts = {s: _scan_classes(f, cfg.skip_bad, skipped, modes=modes) for s, f in folders.items()}
+        names = sorted(parts["train"])
+        for s, pc in parts.items():
+            extra = sorted(set(pc) - set(names))
+            if extra:
+                raise TailforgeError(f"{folders[s]} has classes without a folder in {folders['train']}: "
+                                     f"{', '.join(extra[:5])}", "give every class train images, or remove those folders")
+        splits = {s: _files_split(pc, names) for s, pc in parts.items()}
     channels = 1 if modes and modes <= GREY_MODES else 3
-    return RawDataset("imagefolder", names, {"all": _files_split(per_class, names)}, channels=channels,
+    return RawDataset("imagefolder", names, splits, channels=channels,
                       image_size=None, root=str(root.resolve()), skipped=skipped)
 
 
@@ -364,3 +378,14 @@ def load_inaturalist(cfg: DataConfig) -> RawDataset:
                                      "every class of val/test needs train images")
         e.labels = [label_of[c] for c in e.labels]
     return _list_dataset("inaturalist", root, {s: e for s, (e, _) in read.items()}, [cat_names[c] for c in ids], cfg)
+
+
+# --------------------------------------------------------------------------- Hugging Face datasets
+@register("hf")
+def load_hf(cfg: DataConfig) -> RawDataset:
+    """A local Hugging Face dataset (``save_to_disk`` folder or parquet shards; ``data/hf.py``): its Image and
+    ClassLabel columns (``data.image_column`` / ``data.label_column``), its splits as they are. Nothing is
+    downloaded."""
+    from .hf import load_hf as load
+
+    return load(cfg)

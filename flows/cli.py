@@ -19,6 +19,7 @@ COMMANDS = [
     "tailforge.flows.cmd_filter",
     "tailforge.flows.cmd_train",
     "tailforge.flows.cmd_eval",
+    "tailforge.flows.cmd_export",
     "tailforge.flows.cmd_run",
     "tailforge.flows.cmd_headroom",
     "tailforge.flows.cmd_serve",

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tailforge.data import DataConfig, MeasureConfig, RunDir, TailforgeError
+from tailforge.data.export import ExportConfig
 from tailforge.data.errors import did_you_mean
 from tailforge.data.atomic import write_text
 
@@ -213,6 +214,8 @@ class RunConfig(BaseModel):
     runner: RunnerConfig = Field(default_factory=RunnerConfig, description="task runner")
     track: TrackConfig = Field(default_factory=TrackConfig, description="TensorBoard and MLflow (where the "
                                "curves and results also go; eval/tracking.json says where)")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="the rebalanced dataset out for other "
+                                 "trainers, after the filter (tailforge export): off while `to` is null")
 
     @property
     def run_dir(self) -> RunDir:

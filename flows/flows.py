@@ -24,7 +24,7 @@ from tailforge.data.lock import run_lock
 from .env import prefect_env
 from .config import (FilterConfig, GenerateConfig, PlanConfig, RunConfig, RunnerConfig, TrainConfig,
                      check_run_folder, load_config, write_config)
-from .tasks import (ProgressArtifact, artifact_key, collect_task, compare_task, evaluate_task, filter_task, forget_generators,
+from .tasks import (ProgressArtifact, artifact_key, export_task, collect_task, compare_task, evaluate_task, filter_task, forget_generators,
                     generate_unit_task, headroom_task, measure_task, plan_task, prepare_generator_task, track_task,
                     train_task)
 
@@ -117,6 +117,8 @@ def _rebalance_steps(cfg: RunConfig) -> dict:
     logger.info("%d candidates", n)
     summary = call(filter_task, run, cfg.filter_config(), upstream=cfg.crt_base)
     logger.info("filter: %s", summary)
+    if cfg.export.to is not None:  # the rebalanced dataset out for other trainers (off by default)
+        call(export_task, run, cfg.export, cfg.recipe.synthetic)
     for name, tc in cfg.arm_trainings(cfg.rebalanced, cfg.recipe.synthetic):  # [own backbone,] the recipe
         call(train_task, run, tc, name)
     metrics = call(evaluate_task, run, cfg.rebalanced, cfg.eval_split, cfg.evaluate)

@@ -14,13 +14,15 @@ from tailforge.data.errors import TailforgeError
 
 # commands that write into their --run folder (serve and compare only read it; run locks in cmd_run)
 WRITERS = ("measure", "plan", "generate", "filter", "train", "eval")
+# commands that read a consistent run folder: a shared lock (they coexist, but not with a writer)
+READERS = ("export",)
 WAIT_HELP = ("when another command is writing into the run folder, wait for it to finish instead of "
              "stopping with an error")
 
 
 def add_wait_options(sub: argparse._SubParsersAction) -> None:
     """``--wait`` on every command that takes the run folder's lock."""
-    for name in (*WRITERS, "run"):
+    for name in (*WRITERS, *READERS, "run"):
         p = sub.choices.get(name)
         if p is not None:
             p.add_argument("--wait", action="store_true", help=WAIT_HELP)
@@ -29,14 +31,15 @@ def add_wait_options(sub: argparse._SubParsersAction) -> None:
 @contextlib.contextmanager
 def command_lock(args: argparse.Namespace) -> Iterator[None]:
     """The run folder's lock for a stage command that writes into it (``generate --shard``: shared, so
-    parallel shard workers coexist); nothing for the others."""
+    parallel shard workers coexist), a shared one for a command that reads it whole (``export``); nothing for
+    the others."""
     from tailforge.data.lock import run_lock
 
     run = getattr(args, "run", None)
-    if args.command not in WRITERS or run is None:
+    if args.command not in (*WRITERS, *READERS) or run is None:
         yield
         return
-    shared = args.command == "generate" and getattr(args, "shard", None) is not None
+    shared = args.command in READERS or (args.command == "generate" and getattr(args, "shard", None) is not None)
     # a folder that does not exist yet is not locked (nor created: a bad option must leave nothing behind)
     with run_lock(run, wait=getattr(args, "wait", False), shared=shared, command=f"tailforge {args.command}"):
         yield

@@ -435,6 +435,32 @@ def publish_filter(run: RunDir) -> None:
                  "sample grids of the filter (accepted above, rejected below) and the score histogram")
 
 
+# --------------------------------------------------------------------------- export
+
+@task(name="export", cache_policy=NONE, task_run_name="export {run}")
+def export_task(run: str, export_cfg, synthetic: str = "filtered") -> dict:
+    """The rebalanced dataset out (``tailforge.data.export``): the real + accepted synthetic train samples, val and
+    test in ``export.format`` at ``export.to``, with a progress artifact and a table artifact of the counts. Cached
+    when the folder already holds this very export (its ``export.json`` key)."""
+    from tailforge.data.export import describe, export_run
+
+    r = RunDir(run)
+    cfg = export_cfg if export_cfg.synthetic else export_cfg.model_copy(update={"synthetic": synthetic})
+    prog = ProgressArtifact(artifact_key(r, "export-progress"), f"exporting to {cfg.to} ({cfg.format})")
+    out = export_run(r, cfg, progress=prog)
+    for note in out.get("notes", []):
+        get_run_logger().info(note)
+    if out["up_to_date"]:
+        return cached("export", r, out)
+    get_run_logger().info(describe(out, cfg.to))
+    rows = [{"split": s, "samples": c["samples"], "real": c["real"], "synthetic": sum(c["synthetic"].values()),
+             **{f"from {k}": v for k, v in c["synthetic"].items()}, "images": c["images"], "features": c["features"]}
+            for s, c in out["counts"].items()]
+    table(artifact_key(r, "export"), rows, f"exported to {Path(cfg.to).resolve()} as {cfg.format}: samples per split "
+          "and source (train: real + accepted synthetic)" + (f"; {out['notes'][0]}" if out["notes"] else ""))
+    return out
+
+
 # --------------------------------------------------------------------------- train, evaluate, compare
 
 @task(name="train", cache_policy=NONE, task_run_name="train {name}")

@@ -1,0 +1,629 @@
+"""``export``: the rebalanced dataset out of a run folder, as files another trainer can read.
+
+What is exported (``export_rows``): the rebalanced arm's training table, the real train rows plus the accepted
+synthetic rows of ``filtered.parquet`` (``synthetic: candidates``: every candidate, the no-filter control), the
+rows ``train.trainer.training_table`` gives the ``rebalanced`` arm, and the real val and test rows as they were
+measured, so the user's trainer sees the same splits. Every sample keeps its provenance: ``source`` (``real`` or
+the generator's source), ``synthetic``, ``generator``, ``seed``, ``parent_id``, ``sample_id`` (and the filter's
+``score`` where there is one).
+
+Formats (``FORMATS``):
+
+``imagefolder``
+    ``DIR/<split>/<class>/<sample_id>.<ext>`` (torchvision's ``ImageFolder``, timm, tailforge's own
+    ``imagefolder``, which keeps the split folders). Files are hard links of the run's and the dataset's images
+    where the file system allows, copies otherwise (``files: copy`` always copies); array images (digits,
+    Fashion-MNIST, CIFAR) are written as PNG. Provenance: ``DIR/provenance.csv`` (``file`` column).
+``hf``
+    parquet shards ``DIR/data/<split>-00000-of-0000N.parquet`` in the Hugging Face hub layout (splits ``train``,
+    ``validation``, ``test``) with an ``Image`` and a ``ClassLabel`` feature and one column per provenance field,
+    written by pyarrow directly (image bytes copied, never decoded); ``DIR/README.md`` names each split's files,
+    so ``datasets.load_dataset(DIR)`` reads exactly them.
+``webdataset``
+    tar shards ``DIR/<split>-000000.tar`` of ``shard_size`` samples each: ``<key>.<ext>`` (the image bytes),
+    ``<key>.cls`` (the label) and ``<key>.json`` (class name and provenance).
+
+Feature-space samples (``featcov``, ``featdict``, ``fdiff``) are feature vectors of a classifier's backbone, not
+images: in every format they go to ``DIR/features/synthetic.npy`` (float32, N x D) with
+``DIR/features/synthetic.parquet`` (label, class name, provenance, the backbone's model name), and the export
+says so in one line (``summary["notes"]``).
+
+Atomic and resumable: the export is written into ``<parent>/.<name>.partial/`` and renamed to DIR when
+complete. An interrupted export resumes there: finished shards and files are kept when the same rows and
+options made them (``.export-key``), anything else is started over. A DIR that holds this very export is up
+to date (nothing is done); a non-empty DIR holding anything else is refused unless ``overwrite``.
+``DIR/export.json`` records the run, the options, the key, the counts per split and source and the shards.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Literal, Union
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from .atomic import atomic_path, read_json, write_json, write_text
+from .errors import TailforgeError
+from .images import load_npy
+from .manifest import SPLITS, is_feature, read_manifest, train_rows
+from .run import RunDir
+
+FORMATS = ("imagefolder", "hf", "webdataset")
+HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # the hub's names
+PROVENANCE = ("sample_id", "source", "synthetic", "generator", "seed", "parent_id", "prompt", "strength", "score")
+MANIFEST = "export.json"
+KEY_FILE = ".export-key"
+ROW_GROUP = 1000  # rows per parquet row group (the hub's viewers page by row group)
+READERS = 4  # threads reading image bytes (I/O bound; they release the GIL)
+
+Progress = Callable[[int, int, dict], None]
+
+
+class ExportConfig(BaseModel):
+    """Where and how ``tailforge export`` writes the rebalanced dataset (and the flow's export task)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    to: Union[Path, None] = Field(None, description="destination folder (in a flow: null turns the export off)")
+    format: Literal["imagefolder", "hf", "webdataset"] = Field(
+        "imagefolder", description="imagefolder: DIR/<split>/<class>/ files (hard links where possible); hf: parquet "
+        "shards with an Image and a ClassLabel feature (Hugging Face datasets); webdataset: tar shards")
+    synthetic: Union[Literal["filtered", "candidates"], None] = Field(
+        None, description="synthetic rows: filtered (the accepted ones) or candidates (all, the no-filter control); "
+        "default: the run's recipe.synthetic (config.yaml), else filtered")
+    files: Literal["link", "copy"] = Field(
+        "link", description="imagefolder: link (hard links, copies across file systems) or copy (always copies)")
+    shard_size: int = Field(10_000, ge=1, description="hf, webdataset: samples per shard")
+    overwrite: bool = Field(False, description="replace a non-empty destination folder that holds something else")
+
+
+# --------------------------------------------------------------------------- what is exported
+
+def run_synthetic(run: RunDir) -> str:
+    """The synthetic rows the run's rebalanced arm trains on: its config's ``recipe.synthetic``, else filtered."""
+    if run.config.exists():
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(run.config.read_text()) or {}
+            value = (cfg.get("recipe") or {}).get("synthetic")
+        except (yaml.YAMLError, AttributeError):
+            value = None
+        if value in ("filtered", "candidates"):
+            return value
+    return "filtered"
+
+
+def export_rows(run: RunDir, synthetic: str = "filtered") -> pd.DataFrame:
+    """The rebalanced arm's training table (real train rows + accepted synthetic rows) and the real val and
+    test rows, in a stable order (split, label, real first, sample id), with a ``synthetic`` column."""
+    real = read_manifest(run.require(run.real, "measure"))
+    real = real[real["source"] == "real"]
+    syn = None
+    if synthetic == "filtered" and run.filtered.exists():
+        syn = read_manifest(run.filtered)
+    elif synthetic == "filtered" and run.candidates.exists():
+        raise TailforgeError(f"run folder {run.root} has candidates but no filtered.parquet",
+                             f"run `tailforge filter --run {run.root}` first (or --synthetic candidates)")
+    elif synthetic == "candidates" and run.candidates.exists():
+        syn = read_manifest(run.candidates).assign(accepted=True)
+    elif synthetic not in ("filtered", "candidates"):
+        raise TailforgeError(f"unknown synthetic rows '{synthetic}'", "use filtered or candidates")
+    parts = [real]
+    if syn is not None and len(syn):
+        syn = syn[~syn["sample_id"].isin(real["sample_id"])].copy()
+        if "seed" in syn.columns:  # 63-bit seeds: a float column would round them
+            syn["seed"] = pd.array([None if pd.isna(s) else int(s) for s in syn["seed"]], dtype="Int64")
+        parts.append(syn)
+    df = pd.concat(parts, ignore_index=True)
+    train = train_rows(df)
+    rest = real[real["split"] != "train"]
+    out = pd.concat([train, rest], ignore_index=True)
+    out["synthetic"] = (out["source"] != "real").to_numpy()
+    order = out["split"].map({s: i for i, s in enumerate(SPLITS)})
+    out = out.assign(_o=order).sort_values(["_o", "label", "synthetic", "sample_id"], kind="stable")
+    return out.drop(columns="_o").reset_index(drop=True)
+
+
+def rows_key(rows: pd.DataFrame, cfg: ExportConfig) -> str:
+    """What makes the export: its rows (ids, files, labels, splits, sources) and the options that shape files."""
+    h = hashlib.sha256()
+    cols = [c for c in ("sample_id", "uri", "label", "split", "source") if c in rows.columns]
+    h.update(pd.util.hash_pandas_object(rows[cols], index=False).to_numpy().tobytes())
+    h.update(json.dumps([cfg.format, cfg.files, cfg.shard_size if cfg.format != "imagefolder" else None]).encode())
+    return h.hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------- names
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def file_stem(sample_id: str) -> str:
+    """A sample id as a file name stem / WebDataset key (no dots: WebDataset splits keys at the first one)."""
+    return _UNSAFE.sub("_", str(sample_id))
+
+
+def class_folders(class_names: list[str]) -> list[str]:
+    """One folder name per class: its name without path separators; ``<label>_<name>`` for all when two
+    names would collide (their order, by label, is then also the folders' sorted order)."""
+    def clean(n: str) -> str:
+        n = str(n).replace("/", "_").replace("\\", "_").replace("\0", "_").strip()
+        return n if n not in ("", ".", "..") and not n.startswith(".") else f"_{n}"
+
+    names = [clean(n) for n in class_names]
+    if len(set(names)) < len(names):
+        w = len(str(len(names) - 1))
+        names = [f"{i:0{w}d}_{n}" for i, n in enumerate(names)]
+    return names
+
+
+def _ext(path: str) -> str:
+    s = Path(path).suffix.lower()
+    return s if s else ".png"
+
+
+# --------------------------------------------------------------------------- image bytes
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    arr = np.asarray(arr, dtype=np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+class Source:
+    """Where a row's image comes from: a file (linked, copied or read as it is) or a row of an image array
+    (encoded as PNG)."""
+
+    def __init__(self, run: RunDir, uri: str):
+        self.path, self.row = run.resolve(uri)
+        self.ext = ".png" if self.row is not None else _ext(str(self.path))
+
+    def data(self) -> bytes:
+        if self.row is not None:
+            arr = load_npy(self.path)
+            if not 0 <= self.row < len(arr):
+                raise TailforgeError(f"{self.path} has {len(arr)} rows but the manifest asks for row {self.row}",
+                                     "the run folder is inconsistent; rebuild it with a new --run")
+            return _png_bytes(arr[self.row])
+        try:
+            with open(self.path, "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            raise TailforgeError(f"image {self.path} does not exist",
+                                 "the run folder or its dataset root changed; re-run the stage that wrote it") from None
+
+    def place(self, dst: Path, mode: str, counts: dict) -> None:
+        """Write the image at ``dst``: a hard link (``mode`` link, same file system), else a copy; arrays as PNG.
+        Every write is atomic (a temporary name, then a rename), so a killed export leaves no half file."""
+        if self.row is None and mode == "link":
+            try:
+                os.link(self.path, dst)
+                counts["linked"] += 1
+                return
+            except FileExistsError:
+                os.unlink(dst)
+                os.link(self.path, dst)
+                counts["linked"] += 1
+                return
+            except FileNotFoundError:
+                raise TailforgeError(f"image {self.path} does not exist", "the run folder or its dataset root "
+                                     "changed; re-run the stage that wrote it") from None
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                    raise
+        tmp = dst.with_name(f".tmp-{dst.name}")
+        if self.row is None:
+            try:
+                shutil.copyfile(self.path, tmp)
+            except FileNotFoundError:
+                raise TailforgeError(f"image {self.path} does not exist", "the run folder or its dataset root "
+                                     "changed; re-run the stage that wrote it") from None
+            counts["copied"] += 1
+        else:
+            tmp.write_bytes(self.data())
+            counts["encoded"] += 1
+        os.replace(tmp, dst)
+
+
+# --------------------------------------------------------------------------- writers
+
+def _provenance(rows: pd.DataFrame) -> pd.DataFrame:
+    cols = ["split", "label", "class_name"] + [c for c in PROVENANCE if c in rows.columns]
+    out = rows[cols].copy()
+    for c in ("generator", "parent_id", "prompt"):
+        if c in out.columns:
+            out[c] = out[c].astype(object).where(out[c].notna(), None)
+    if "generator" in out.columns:  # real rows: no generator
+        out["generator"] = out["generator"].where(out["synthetic"], None)
+    empty = [c for c in ("parent_id", "prompt", "strength", "score") if c in out.columns and out[c].isna().all()]
+    return out.drop(columns=empty)
+
+
+def _write_imagefolder(run: RunDir, rows: pd.DataFrame, out: Path, cfg: ExportConfig, names: list[str],
+                       resume: bool, progress: Progress | None) -> dict:
+    folders = class_folders(names)
+    counts = {"linked": 0, "copied": 0, "encoded": 0, "kept": 0}
+    files = []
+    total, done = len(rows), 0
+    for (split, label), grp in rows.groupby(["split", "label"], sort=False):
+        d = out / split / folders[int(label)]
+        d.mkdir(parents=True, exist_ok=True)
+        there = set(os.listdir(d)) if resume else set()
+        for uri, sid in zip(grp["uri"], grp["sample_id"]):
+            src = Source(run, uri)
+            name = file_stem(sid) + src.ext
+            files.append(f"{split}/{folders[int(label)]}/{name}")
+            if name in there:
+                counts["kept"] += 1
+            else:
+                src.place(d / name, cfg.files, counts)
+        done += len(grp)
+        if progress:
+            progress(done, total, {"split": split})
+    prov = _provenance(rows)
+    prov.insert(0, "file", files)
+    with atomic_path(out / "provenance.csv") as tmp:
+        prov.to_csv(tmp, index=False)
+    return {**counts, "provenance": "provenance.csv", "classes": folders}
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _read_all(run: RunDir, uris: list[str]) -> tuple[list[bytes], list[str]]:
+    srcs = [Source(run, u) for u in uris]
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
+        data = list(pool.map(Source.data, srcs))
+    return data, [s.ext for s in srcs]
+
+
+def _sharded(rows: pd.DataFrame, cfg: ExportConfig, name: Callable[[str, int, int], str]):
+    """(split, final file name, the rows of the shard) for every shard, in order."""
+    for split in SPLITS:
+        part = rows[rows["split"] == split]
+        chunks = _chunks(len(part), cfg.shard_size)
+        for i, (a, b) in enumerate(chunks):
+            yield split, name(split, i, len(chunks)), part.iloc[a:b]
+
+
+def _hf_features(names: list[str], prov: pd.DataFrame) -> dict:
+    kinds = {"bool": "bool", "Int64": "int64", "int64": "int64", "float64": "float64"}
+    feats = {"image": {"_type": "Image"}, "label": {"names": list(map(str, names)), "_type": "ClassLabel"}}
+    for c in prov.columns:
+        if c in ("split", "label"):
+            continue
+        feats[c] = {"dtype": kinds.get(str(prov[c].dtype), "string"), "_type": "Value"}
+    return feats
+
+
+def _hf_table(run: RunDir, part: pd.DataFrame, prov: pd.DataFrame, feats: dict):
+    import pyarrow as pa
+
+    data, exts = _read_all(run, part["uri"].tolist())
+    paths = [file_stem(s) + e for s, e in zip(part["sample_id"], exts)]
+    image = pa.StructArray.from_arrays([pa.array(data, pa.binary()), pa.array(paths, pa.string())],
+                                       names=["bytes", "path"])
+    cols = {"image": image, "label": pa.array(part["label"].to_numpy(np.int64))}
+    for c, f in feats.items():
+        if c in cols:
+            continue
+        v = prov[c]
+        if f["dtype"] == "string":
+            cols[c] = pa.array([None if pd.isna(x) else str(x) for x in v], pa.string())
+        elif f["dtype"] == "int64":
+            cols[c] = pa.array([None if pd.isna(x) else int(x) for x in v], pa.int64())
+        elif f["dtype"] == "float64":
+            cols[c] = pa.array(pd.to_numeric(v, errors="coerce").to_numpy(np.float64), pa.float64())
+        else:
+            cols[c] = pa.array(v.to_numpy(bool), pa.bool_())
+    table = pa.table(cols)
+    meta = {"huggingface": json.dumps({"info": {"features": feats}})}
+    return table.replace_schema_metadata(meta)
+
+
+def _hf_readme(names: list[str], shards: dict[str, list[str]], run: RunDir) -> str:
+    lines = ["---", "configs:", "- config_name: default", "  data_files:"]
+    for split, files in shards.items():
+        if files:
+            lines += [f"  - split: {HF_SPLITS[split]}", f"    path: data/{HF_SPLITS[split]}-*.parquet"]
+    lines += ["---", "", f"# {run.root.name}: the rebalanced dataset of a tailforge run", "",
+              "Written by `tailforge export --format hf`: the train split holds the real images and the accepted "
+              "synthetic ones (column `synthetic`, with `source`, `generator`, `seed`, `parent_id`); validation and "
+              "test are the run's real val and test splits.", "",
+              "```python", "import datasets", "ds = datasets.load_dataset(\"parquet\", data_dir=\"THIS_FOLDER/data\")"
+              "  # or load_dataset(\"THIS_FOLDER\")", "```", ""]
+    return "\n".join(lines)
+
+
+def _write_hf(run: RunDir, rows: pd.DataFrame, out: Path, cfg: ExportConfig, names: list[str],
+              resume: bool, progress: Progress | None) -> dict:
+    import pyarrow.parquet as pq
+
+    prov = _provenance(rows)
+    feats = _hf_features(names, prov)
+    shards: dict[str, list[str]] = {s: [] for s in SPLITS}
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    kept = written = 0
+    total, done = len(rows), 0
+
+    def name(split, i, n):
+        return f"data/{HF_SPLITS[split]}-{i:05d}-of-{n:05d}.parquet"
+
+    for split, fname, part in _sharded(rows, cfg, name):
+        shards[split].append(fname)
+        dst = out / fname
+        if resume and dst.exists():
+            kept += 1
+        else:
+            with atomic_path(dst) as tmp:
+                writer = None
+                try:
+                    for a, b in _chunks(len(part), ROW_GROUP):
+                        t = _hf_table(run, part.iloc[a:b], prov.loc[part.index[a:b]], feats)
+                        if writer is None:
+                            writer = pq.ParquetWriter(tmp, t.schema, compression="none")
+                        writer.write_table(t)
+                finally:
+                    if writer is not None:
+                        writer.close()
+            written += 1
+        done += len(part)
+        if progress:
+            progress(done, total, {"split": split, "shard": fname})
+    write_text(out / "README.md", _hf_readme(names, shards, run))
+    return {"shards": {s: f for s, f in shards.items() if f}, "written": written, "kept": kept,
+            "splits": {s: HF_SPLITS[s] for s in SPLITS if shards[s]}}
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = 0  # the same rows give the same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_webdataset(run: RunDir, rows: pd.DataFrame, out: Path, cfg: ExportConfig, names: list[str],
+                      resume: bool, progress: Progress | None) -> dict:
+    prov = _provenance(rows)
+    shards: dict[str, list[str]] = {s: [] for s in SPLITS}
+    kept = written = 0
+    total, done = len(rows), 0
+    for split, fname, part in _sharded(rows, cfg, lambda s, i, n: f"{s}-{i:06d}.tar"):
+        shards[split].append(fname)
+        dst = out / fname
+        if resume and dst.exists():
+            kept += 1
+        else:
+            recs = prov.loc[part.index].to_dict("records")
+            with atomic_path(dst) as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+                for a, b in _chunks(len(part), ROW_GROUP):
+                    data, exts = _read_all(run, part["uri"].iloc[a:b].tolist())
+                    for rec, blob, ext in zip(recs[a:b], data, exts):
+                        key = file_stem(rec["sample_id"])
+                        meta = {k: (None if _isna(v) else v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
+                        _tar_member(tar, f"{key}{ext}", blob)
+                        _tar_member(tar, f"{key}.cls", str(int(rec["label"])).encode())
+                        _tar_member(tar, f"{key}.json", json.dumps(meta).encode())
+            written += 1
+        done += len(part)
+        if progress:
+            progress(done, total, {"split": split, "shard": fname})
+    return {"shards": {s: f for s, f in shards.items() if f}, "written": written, "kept": kept}
+
+
+def _isna(v) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+WRITERS = {"imagefolder": _write_imagefolder, "hf": _write_hf, "webdataset": _write_webdataset}
+
+
+def _write_features(run: RunDir, rows: pd.DataFrame, out: Path, resume: bool) -> dict:
+    """Feature-space samples: ``features/synthetic.npy`` (float32 N x D) + ``features/synthetic.parquet``."""
+    npy, table = out / "features" / "synthetic.npy", out / "features" / "synthetic.parquet"
+    model = None
+    if "feature_model" in rows.columns and rows["feature_model"].notna().any():
+        model = str(rows["feature_model"].dropna().iloc[0])
+    if not (resume and npy.exists() and table.exists()):
+        paths = [run.resolve(u) for u in rows["uri"]]
+        vecs: list[np.ndarray | None] = [None] * len(paths)
+        by_file: dict[Path, list[tuple[int, int | None]]] = {}
+        for i, (p, r) in enumerate(paths):
+            by_file.setdefault(p, []).append((i, r))
+        for p, pairs in by_file.items():
+            arr = load_npy(p)
+            for i, r in pairs:
+                vecs[i] = np.asarray(arr[r] if r is not None else arr, dtype=np.float32).reshape(-1)
+        mat = np.stack(vecs) if vecs else np.zeros((0, 0), np.float32)
+        with atomic_path(npy) as tmp:
+            np.save(tmp, mat)
+        prov = _provenance(rows).assign(row=np.arange(len(rows)))
+        if model is not None:
+            prov["feature_model"] = model
+        with atomic_path(table) as tmp:
+            prov.to_parquet(tmp, index=False)
+    dim = int(np.load(npy, mmap_mode="r").shape[1]) if len(rows) else 0
+    return {"file": "features/synthetic.npy", "table": "features/synthetic.parquet", "rows": len(rows), "dim": dim,
+            "model": model, "sources": sorted(rows["source"].unique().tolist())}
+
+
+# --------------------------------------------------------------------------- the export
+
+def _inside(a: Path, b: Path) -> bool:
+    """Whether ``a`` is ``b`` or inside it."""
+    try:
+        a.relative_to(b)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_dest(run: RunDir, dest: Path) -> None:
+    """A destination that is (or holds) the run folder or the dataset would be replaced by ``overwrite``."""
+    dest = dest.resolve()
+    keep = [run.root.resolve()]
+    if run.dataset.exists():
+        root = read_json(run.dataset).get("root")
+        if root:
+            keep.append(Path(root).resolve())
+    for k in keep:
+        if _inside(k, dest):
+            what = "run folder" if k == keep[0] else "dataset root"
+            raise TailforgeError(f"export folder {dest} is or holds the {what} {k}",
+                                 "choose another --to folder, outside the run and the dataset")
+
+
+def _up_to_date(dest: Path, key: str) -> dict | None:
+    m = dest / MANIFEST
+    if not m.is_file():
+        return None
+    try:
+        info = read_json(m)
+    except (OSError, ValueError):
+        return None
+    if info.get("key") != key:
+        return None
+    need = [f for fs in (info.get("shards") or {}).values() for f in fs] + [info.get("provenance") or MANIFEST]
+    if info.get("features"):
+        need += [info["features"]["file"], info["features"]["table"]]
+    return info if all((dest / f).exists() for f in need) else None
+
+
+def _is_empty_dir(p: Path) -> bool:
+    return p.is_dir() and next(os.scandir(p), None) is None
+
+
+def _summary_counts(rows: pd.DataFrame, feat: np.ndarray) -> dict:
+    out = {}
+    for split in SPLITS:
+        m = (rows["split"] == split).to_numpy()
+        if not m.any():
+            continue
+        part = rows[m]
+        syn = part[part["synthetic"]]
+        out[split] = {"samples": int(m.sum()), "real": int((~part["synthetic"]).sum()),
+                      "synthetic": {str(k): int(v) for k, v in syn["source"].value_counts().sort_index().items()},
+                      "images": int((m & ~feat).sum()), "features": int((m & feat).sum())}
+    return out
+
+
+def export_run(run: RunDir, cfg: ExportConfig, progress: Progress | None = None) -> dict:
+    """Write the rebalanced dataset of ``run`` to ``cfg.to`` in ``cfg.format``; returns the summary that
+    ``DIR/export.json`` holds (``up_to_date``: the folder already held this export; ``notes``: lines to show)."""
+    if cfg.to is None:
+        raise TailforgeError("export needs a destination folder", "pass --to DIR (or set export.to)")
+    t0 = time.perf_counter()
+    dest = Path(cfg.to).expanduser()
+    if dest.exists() and not dest.is_dir():
+        raise TailforgeError(f"export folder {dest} is a file", "pass a folder (a new name creates it) to --to")
+    info = run.dataset_info()
+    _check_dest(run, dest)
+    synthetic = cfg.synthetic or run_synthetic(run)
+    rows = export_rows(run, synthetic)
+    key = rows_key(rows, cfg)
+    if dest.exists():
+        done = _up_to_date(dest, key)
+        if done is not None:
+            return {**done, "up_to_date": True, "notes": done.get("notes", [])}
+        if not _is_empty_dir(dest) and not cfg.overwrite:
+            raise TailforgeError(f"export folder {dest} exists and is not empty",
+                                 "pass --overwrite to replace it, or choose another --to folder")
+
+    from .lock import LOCK, run_lock
+
+    partial = dest.parent / f".{dest.name}.partial"
+    with run_lock(partial, create=True, command="tailforge export"):
+        kf = partial / KEY_FILE
+        resume = kf.is_file() and kf.read_text().strip() == key
+        if not resume:  # another export's leftovers (other rows or options): start over
+            for p in partial.iterdir():
+                if p.name != LOCK:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            write_text(kf, key + "\n")
+        feat = is_feature(rows)
+        images, features = rows[~feat], rows[feat]
+        names = list(info["class_names"])
+        out = WRITERS[cfg.format](run, images, partial, cfg, names, resume, progress)
+        notes = []
+        feat_info = None
+        if len(features):
+            feat_info = _write_features(run, features, partial, resume)
+            model = f" of model '{feat_info['model']}'" if feat_info["model"] else ""
+            notes.append(f"{len(features)} synthetic samples ({', '.join(feat_info['sources'])}) are feature vectors"
+                         f"{model}, not images: written to {dest / feat_info['file']} (labels and provenance in "
+                         f"{feat_info['table']}), not into the {cfg.format} files")
+        summary = {
+            "format": cfg.format, "run": str(run.root.resolve()), "synthetic": synthetic, "key": key,
+            "files": cfg.files if cfg.format == "imagefolder" else None,
+            "shard_size": cfg.shard_size if cfg.format != "imagefolder" else None,
+            "dataset": info.get("name"), "class_names": names, "channels": info.get("channels"),
+            "counts": _summary_counts(rows, feat),
+            "per_class_train": _per_class(rows, len(names)),
+            **{k: v for k, v in out.items() if k != "classes"},
+            "class_folders": out.get("classes"), "features": feat_info, "notes": notes,
+            "seconds": round(time.perf_counter() - t0, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        write_json(partial / MANIFEST, summary)
+        with contextlib.suppress(FileNotFoundError):
+            (partial / KEY_FILE).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (partial / LOCK).unlink()  # the lock's descriptor stays held until the rename is done
+        _replace(partial, dest)
+    return {**summary, "up_to_date": False}
+
+
+def _per_class(rows: pd.DataFrame, n: int) -> dict:
+    tr = rows[rows["split"] == "train"]
+    real = np.bincount(tr.loc[~tr["synthetic"], "label"].to_numpy(np.int64), minlength=n)
+    syn = np.bincount(tr.loc[tr["synthetic"], "label"].to_numpy(np.int64), minlength=n)
+    return {"real": real.tolist(), "synthetic": syn.tolist()}
+
+
+def _replace(partial: Path, dest: Path) -> None:
+    """Rename the finished ``partial`` to ``dest``; an existing ``dest`` (empty, or replaced by ``overwrite``) is
+    moved aside first and removed after the rename."""
+    if not dest.exists():
+        os.replace(partial, dest)
+        return
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    os.replace(dest, old)
+    os.replace(partial, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def describe(summary: dict, dest: Path | str) -> str:
+    """One line: what was exported where."""
+    c = summary["counts"]
+    parts = []
+    for split, s in c.items():
+        syn = ", ".join(f"{k} {v}" for k, v in s["synthetic"].items())
+        parts.append(f"{split} {s['samples']}" + (f" ({s['real']} real + {syn})" if syn else ""))
+    shards = summary.get("shards")
+    how = f"{sum(len(v) for v in shards.values())} shards" if shards else \
+        f"{summary.get('linked', 0)} linked, {summary.get('copied', 0)} copied, {summary.get('encoded', 0)} encoded" \
+        + (f", {summary['kept']} kept" if summary.get("kept") else "")
+    return f"exported {', '.join(parts)} samples to {dest} (format {summary['format']}: {how})"
