@@ -168,10 +168,39 @@ class RecipeConfig(BaseModel):
         "rebalanced the same number of optimizer steps; data lets the larger synthetic set train longer (an "
         "unfair advantage that once looked like a +2-point gain: bench/results/feature_study.md)")
 
+    tau_norm: Union[float, Literal["val"], None] = Field(
+        None, description="tau-normalise the recipe's linear head after training (see train.tau_norm; the head "
+        "taunorm sets val)")
+    candidates: Union[list[str], None] = Field(
+        None, description="stage crt: the real-only candidates, heads of train/heads.py (crt, la, taunorm), each "
+        "trained on the real features at the recipe's budget as models/real-only-<head>; the best on VAL (balanced "
+        "accuracy) sets loss, sampler and tau_norm of every arm (real-only, rebalanced, oracle), and the report names "
+        "it (eval/candidates.json). None: the recipe as given")
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _heads(cls, v):
+        from tailforge.train.heads import HEADS
+
+        v = [v] if isinstance(v, str) else v
+        for h in v or []:
+            if h not in HEADS:
+                raise ValueError(f"recipe.candidates: unknown head '{h}': " + did_you_mean(h, list(HEADS), cutoff=0.5)
+                                 + "heads: " + ", ".join(HEADS))
+        if v is not None and not v:
+            raise ValueError("recipe.candidates is empty: name at least one head (crt, la, taunorm), or null")
+        return v
+
+    def with_head(self, head: str) -> "RecipeConfig":
+        """This recipe with the settings of the named head (train/heads.py ``HEADS``)."""
+        from tailforge.train.heads import HEADS
+
+        return self.model_copy(update=HEADS[head])
+
     def train_config(self, train: BaseModel, base: str, synthetic: str, source: str | None = None) -> BaseModel:
         upd = {"stage": self.stage, "prior": self.prior, "synthetic": synthetic, "epoch_samples": self.epoch_samples,
                "synthetic_weight": self.synthetic_weight, "base": base if self.stage == "crt" else None,
-               "synthetic_source": source if synthetic != "none" else None}
+               "synthetic_source": source if synthetic != "none" else None, "tau_norm": self.tau_norm}
         for k in ("loss", "sampler", "epochs", "lr"):
             if getattr(self, k) is not None:
                 upd[k] = getattr(self, k)
@@ -267,6 +296,13 @@ class RunConfig(BaseModel):
         base = self.backbone_train() if self.crt_base != self.baseline else self.baseline_train()
         return [(bb, _with(base, tail_fraction=fraction)), (tag, _with(recipe, base=bb))]
 
+    def with_head(self, head: str) -> "RunConfig":
+        """This run with the recipe's head set to ``head`` (the real-only candidate chosen on VAL)."""
+        return self.model_copy(update={"recipe": self.recipe.with_head(head)})
+
+    def candidate_name(self, head: str) -> str:
+        return f"{self.real_only}-{head}"
+
     def rebalanced_train(self) -> BaseModel:
         """The rebalanced arm: the recipe on real + synthetic data (``recipe.synthetic``)."""
         return self.arm_trainings(self.rebalanced, self.recipe.synthetic)[-1][1]
@@ -306,6 +342,9 @@ class RunConfig(BaseModel):
             raise ValueError(f"generator '{gen}' makes feature vectors, which only classifier re-training can use, "
                              "but recipe.stage is 'full': set recipe.stage: crt (flows/recipes/small-images.yaml "
                              "does), or generate images (ddpm, sd)")
+        if self.recipe.candidates and self.recipe.stage != "crt":
+            raise ValueError("recipe.candidates are heads on the frozen features of the crt recipe, but recipe.stage is "
+                             "'full': set recipe.stage: crt, or drop them (--set recipe.candidates=null)")
         bs = self.recipe.backbone_sampler
         if bs is not None:
             if self.recipe.stage != "crt":

@@ -24,7 +24,7 @@ from tailforge.data.lock import run_lock
 from .env import prefect_env
 from .config import (FilterConfig, GenerateConfig, PlanConfig, RunConfig, RunnerConfig, TrainConfig,
                      check_run_folder, load_config, write_config)
-from .tasks import (ProgressArtifact, artifact_key, export_task, collect_task, compare_task, evaluate_task, filter_task, forget_generators,
+from .tasks import (ProgressArtifact, artifact_key, export_task, choose_head_task, collect_task, compare_task, evaluate_task, filter_task, forget_generators,
                     generate_unit_task, headroom_task, measure_task, plan_task, prepare_generator_task, track_task,
                     train_task)
 
@@ -113,6 +113,7 @@ def _rebalance_steps(cfg: RunConfig) -> dict:
     call(train_task, run, cfg.baseline_train(), cfg.baseline)
     if cfg.crt_base != cfg.baseline:  # the recipe's own backbone (recipe.backbone_sampler)
         call(train_task, run, cfg.backbone_train(), cfg.crt_base)
+    cfg = _choose_head_steps(cfg)
     n = _generate_steps(run, cfg.generate, cfg.runner) if plan["total"] > 0 else 0
     logger.info("%d candidates", n)
     summary = call(filter_task, run, cfg.filter_config(), upstream=cfg.crt_base)
@@ -122,7 +123,24 @@ def _rebalance_steps(cfg: RunConfig) -> dict:
     for name, tc in cfg.arm_trainings(cfg.rebalanced, cfg.recipe.synthetic):  # [own backbone,] the recipe
         call(train_task, run, tc, name)
     metrics = call(evaluate_task, run, cfg.rebalanced, cfg.eval_split, cfg.evaluate)
-    return {"run": str(Path(run).resolve()), "candidates": n, "filter": summary, "metrics": {cfg.rebalanced: metrics}}
+    return {"run": str(Path(run).resolve()), "candidates": n, "filter": summary, "metrics": {cfg.rebalanced: metrics},
+            "config": cfg}
+
+
+def _choose_head_steps(cfg: RunConfig) -> RunConfig:
+    """With ``recipe.candidates``: each head trained on the real features at the recipe's budget
+    (models/real-only-<head>), the best on VAL chosen (eval/candidates.json); returns the config whose recipe is
+    that head, for every arm. Without: the config as it is."""
+    heads = cfg.recipe.candidates
+    if not heads:
+        return cfg
+    names = {h: cfg.candidate_name(h) for h in heads}
+    for h, name in names.items():
+        call(train_task, cfg.run, cfg.with_head(h).real_only_train(), name)
+    res = call(choose_head_task, cfg.run, names)
+    get_run_logger().info("real-only control: head %s, the best of %s on the val split (balanced accuracy %s)",
+                          res["chosen"], ", ".join(heads), ", ".join(f"{h} {v:.4f}" for h, v in res["scores"].items()))
+    return cfg.with_head(res["chosen"])
 
 
 # --------------------------------------------------------------------------- flows
@@ -134,7 +152,9 @@ FLOW_OPTS = dict(log_prints=True, validate_parameters=True, persist_result=False
       "evaluate.", **FLOW_OPTS)
 def rebalance(config: RunConfig = DEFAULT_CONFIG) -> dict:
     with run_lock(config.run, create=True, command="flow rebalance"):  # re-entrant: `tailforge run` holds it
-        return _rebalance_steps(config)
+        out = _rebalance_steps(config)
+        out.pop("config")
+        return out
 
 
 @flow(name="benchmark", description="Three arms on the same split, seed and budget: baseline (real only, plain "
@@ -197,6 +217,7 @@ def _benchmark_steps(cfg: RunConfig) -> dict:
     oracle (the recipe on real + the held-back real tail images), where the run made its long tail."""
     _check_tracking(cfg)
     out = _rebalance_steps(cfg)
+    cfg = out.pop("config")  # the recipe with the real-only head chosen on val (recipe.candidates)
     run, split = cfg.run, cfg.eval_split
     logger = get_run_logger()
     call(train_task, run, cfg.real_only_train(), cfg.real_only)
@@ -295,6 +316,7 @@ def headroom_flow(config: RunConfig = DEFAULT_CONFIG) -> dict:
         if cfg.recipe.stage == "crt":
             call(train_task, run, cfg.baseline_train() if cfg.crt_base == cfg.baseline else cfg.backbone_train(),
                  cfg.crt_base)
+        cfg = _choose_head_steps(cfg)
         call(train_task, run, cfg.real_only_train(), cfg.real_only)
         return _headroom_steps(cfg)
 

@@ -497,6 +497,20 @@ def publish_training(run: RunDir, name: str) -> None:
               f"{name}: the checkpoint selected on the val split")
 
 
+@task(name="choose-head", cache_policy=NONE, task_run_name="choose the real-only head of {run}")
+def choose_head_task(run: str, names: dict) -> dict:
+    """The real-only candidate with the best VAL balanced accuracy (train/heads.py ``choose``): eval/candidates.json,
+    published as a table artifact."""
+    from tailforge.train.heads import choose
+
+    r = RunDir(run)
+    res = choose(r, dict(names))
+    table(artifact_key(r, "candidates"), [{"head": h, "model": names[h], "val_balanced_acc": round(v, 4),
+                                           "chosen": h == res["chosen"]} for h, v in res["scores"].items()],
+          f"real-only candidates on the val split: {res['chosen']} is the control of every arm")
+    return res
+
+
 @task(name="evaluate", cache_policy=NONE, task_run_name="evaluate {name} on {split}")
 def evaluate_task(run: str, name: str, split: str, eval_cfg=None) -> dict:
     """Metrics of one model on one split (eval/<model>-<split>.json), as a table artifact."""

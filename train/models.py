@@ -220,33 +220,20 @@ def find_weights(path: Path) -> Path:
     return path
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+def pretrained_norm(path, chans: int) -> tuple[list[float], list[float]]:
+    """The input mean/std the pretrained weights ``path`` (a file, folder or registered name) were trained with:
+    their ``pretrained_cfg`` (train/weights.py), else ImageNet's; grey inputs get the channel averages."""
+    from .weights import resolve
+
+    return resolve(path).norm(chans)
 
 
-def pretrained_norm(path: Path, chans: int) -> tuple[list[float], list[float]]:
-    """The input mean/std the pretrained weights at ``path`` were trained with: ``pretrained_cfg`` (or top-level
-    ``mean``/``std``) of the ``config.json`` in the weights' folder (timm's hub layout), else ImageNet's. For grey
-    inputs (an RGB stem summed to one channel) the channel averages."""
-    import json
+def pretrained_arch(path) -> str | None:
+    """The architecture the weights at ``path`` (a timm folder's ``config.json``, or a registered name) are for."""
+    from .weights import PRETRAINED
 
-    path = Path(path)
-    conf = (path if path.is_dir() else path.parent) / "config.json"
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    try:
-        c = json.loads(conf.read_text()) if conf.is_file() else {}
-        src = c.get("pretrained_cfg", c) if isinstance(c, dict) else {}
-        if len(src.get("mean") or ()) == 3 and len(src.get("std") or ()) == 3:
-            mean, std = tuple(map(float, src["mean"])), tuple(map(float, src["std"]))
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass
-    if chans == 1:
-        return [round(sum(mean) / 3, 6)], [round(sum(std) / 3, 6)]
-    return [round(m, 6) for m in mean][:chans], [round(s, 6) for s in std][:chans]
-
-
-def pretrained_arch(path: Path) -> str | None:
-    """The architecture a timm weights folder names in its ``config.json`` (``architecture``), if any."""
+    if str(path) in PRETRAINED:
+        return PRETRAINED[str(path)]["arch"]
     conf = Path(path) / "config.json"
     if not conf.is_file():
         return None
@@ -258,33 +245,18 @@ def pretrained_arch(path: Path) -> str | None:
         return None
 
 
-def load_pretrained(model: Classifier, path: Path) -> dict:
-    """Load local weights into the backbone; heads and shape-mismatched tensors are skipped.
+def load_pretrained(model: Classifier, path) -> dict:
+    """Load pretrained weights (a local file/folder or a registered name, train/weights.py) into the backbone.
 
-    A first conv with 3 input channels is summed to 1 channel for grey images (timm's rule).
-    Returns counts of loaded / skipped tensors; no tensor loaded is an error.
+    Tensors map by name, or by order where a port renamed them and every shape matches; the file's classifier
+    is left over (``skipped``). A first conv with 3 input channels is summed to 1 channel for grey images
+    (timm's rule). Returns the counts (loaded / skipped / missing, the rule); a load that leaves most of the
+    backbone random is refused in one line.
     """
-    sd = read_weights(find_weights(path))
-    own = model.backbone.state_dict()
-    take, skipped = {}, []
-    for k, v in sd.items():
-        k2 = k.removeprefix("module.").removeprefix("backbone.")
-        if k2 not in own:
-            skipped.append(k)
-            continue
-        t = own[k2]
-        if v.shape != t.shape and v.ndim == 4 and t.ndim == 4 and v.shape[1] == 3 and t.shape[1] == 1 \
-                and v.shape[0] == t.shape[0]:
-            v = v.sum(dim=1, keepdim=True)
-        if v.shape != t.shape:
-            skipped.append(k)
-            continue
-        take[k2] = v.to(t.dtype)
-    if not take:
-        raise TailforgeError(f"no tensor of {path} matches the backbone of this model",
-                             "pass weights of the same architecture as --model")
-    model.backbone.load_state_dict(take, strict=False)
-    return {"loaded": len(take), "skipped": len(skipped), "missing": len(own) - len(take)}
+    from .weights import load_into, read_source, resolve
+
+    src = resolve(path)
+    return {**load_into(model.backbone, read_source(src), str(path)), "source": src.record()}
 
 
 def param_groups(params, weight_decay: float) -> list[dict]:

@@ -32,15 +32,17 @@ from tailforge.data.measure import ClassStats
 from tailforge.data.run import RunDir
 
 from .augment import augment, mix
-from .checkpoint import build_from_meta, embed, load_model, resolve_device
+from .checkpoint import build_from_meta, load_model, resolve_device
+from .features import backbone_features
+from .heads import finish as finish_head
 from .clip import ClipAdapter, adapter_for_run, base_features, check_folder, move_towers
 from .config import CLIP_ADAPTER, TrainConfig
 from .kd import KD_LOSSES, build_kd, class_prototypes, feature_map_or_error, group_alpha, kd_warmup_epochs, mix_kd, \
     PatchKD
 from .losses import LOSSES, build_loss, supcon
 from .lossaug import LossGuided, gather_update
-from .models import MODELS, TIMM_MODELS, create_model, find_weights, load_pretrained, make_head, param_groups, \
-    pretrained_arch, pretrained_norm
+from .models import MODELS, TIMM_MODELS, create_model, load_pretrained, make_head, param_groups, pretrained_norm
+from .weights import check_arch, resolve as resolve_weights
 from .samplers import SAMPLERS, epoch_indices, shard_indices
 from . import tb
 
@@ -280,12 +282,8 @@ def check_names(cfg: TrainConfig) -> None:
                              "distil in the full stage, then run crt on the student")
     if cfg.stage == "full" and cfg.model == CLIP_ADAPTER:
         check_folder(cfg.pretrained)  # before anything runs: the missing file and how to provide it
-    elif cfg.stage == "full" and cfg.pretrained is not None:
-        find_weights(cfg.pretrained)
-        arch, want = pretrained_arch(cfg.pretrained), TIMM_MODELS.get(cfg.model, (cfg.model,))[0]
-        if arch and arch != want and cfg.model != arch:
-            raise TailforgeError(f"pretrained weights {cfg.pretrained} are a '{arch}' (config.json) but --model is "
-                                 f"'{cfg.model}'", f"pass --model {arch}, or the weights of a {cfg.model}")
+    elif cfg.stage == "full" and cfg.pretrained is not None:  # the weights exist and fit --model, or one line
+        check_arch(resolve_weights(cfg.pretrained), cfg.model, TIMM_MODELS.get(cfg.model, (cfg.model,))[0])
 
 
 def _model_folder(run: RunDir, name: str) -> Path:
@@ -324,7 +322,8 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
                   - (rows["source"] == "real").sum()), "n_featdict": 0}
 
     if cfg.stage == "crt":
-        base, bmeta = load_model(_model_folder(run, cfg.base), dev)
+        bdir = _model_folder(run, cfg.base)
+        base, bmeta = load_model(bdir, dev)
         if bmeta["num_classes"] != nc:
             raise TailforgeError(f"base model '{cfg.base}' has {bmeta['num_classes']} classes, this run {nc}",
                                  "use a base model trained on this run")
@@ -335,8 +334,8 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
         if isinstance(base, ClipAdapter):  # its features are in the run's cache
             feats, val_feats = base_features(run, base, bmeta, img_rows, val, info, cfg.eval_batch_size, dev)
         else:
-            feats = embed(base, bmeta, load_images(img_rows["uri"], run.root, chans, size), cfg.eval_batch_size, dev)
-            val_feats = embed(base, bmeta, load_images(val["uri"], run.root, chans, size), cfg.eval_batch_size, dev)
+            feats, val_feats = (backbone_features(run, bdir, base, bmeta, r["uri"].tolist(), chans, size,
+                                                  cfg.eval_batch_size, dev) for r in (img_rows, val))
         fd = rows[is_feat]
         if "feature_model" in fd.columns:
             fd = fd[fd["feature_model"] == cfg.base]
@@ -375,13 +374,15 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
         loss_head = LOSSES[cfg.loss].head
         model = create_model(cfg.model, nc, chans, max(size), width=cfg.width, head=loss_head, scale=cfg.scale,
                              input_size=cfg.input_size)
-        if cfg.pretrained is not None:
-            mean, std = pretrained_norm(cfg.pretrained, chans)  # the inputs the weights were trained on
-            meta_extra["pretrained"] = {"path": str(cfg.pretrained), **load_pretrained(model, cfg.pretrained)}
-            if meta_extra["pretrained"]["missing"]:
-                log.warning("pretrained %s: %d of the backbone's tensors have no match there and keep their random "
-                            "initialisation (%d loaded)", cfg.pretrained, meta_extra["pretrained"]["missing"],
-                            meta_extra["pretrained"]["loaded"])
+        if cfg.pretrained is not None:  # the weights' own inputs (pretrained_cfg), recorded in the model folder
+            mean, std = pretrained_norm(cfg.pretrained, chans)
+            meta_extra["pretrained"] = pre = {"path": str(cfg.pretrained), **load_pretrained(model, cfg.pretrained)}
+            log.info("pretrained %s: %d of %d backbone tensors loaded (by %s), %d of the file's %d not used (its "
+                     "classifier)", cfg.pretrained, pre["loaded"], pre["loaded"] + pre["missing"], pre["rule"],
+                     pre["skipped"], pre["file_tensors"])
+            if pre["missing"]:
+                log.warning("pretrained %s: %d backbone tensors have no match there and keep their random "
+                            "initialisation", cfg.pretrained, pre["missing"])
         meta = {"arch": cfg.model, "num_classes": nc, "in_chans": chans, "image_size": list(size),
                 "input_size": model.input_size, "mean": mean, "std": std, "feature_dim": model.feature_dim,
                 "class_names": info["class_names"], "head": loss_head, "scale": cfg.scale, "width": cfg.width}
@@ -731,12 +732,7 @@ def _fit(run: RunDir, cfg: TrainConfig, name: str, dd: Dist, dev: torch.device, 
 
     if dd.main:
         net.load_state_dict(state["best_weights"])
-        if isinstance(model, ClipAdapter):  # the blend with the zero-shot head, chosen on val
-            chosen = model.choose_blend(task.val_feats, val_y, balanced_accuracy, cfg.clip.blend)
-            meta["clip"] = {**meta.get("clip", {}), **{k: v for k, v in chosen.items() if k != "grid"},
-                            "blend_grid": chosen["grid"]}
-            state["best"].update({k: chosen[k] for k in ("val_balanced_acc", "val_top1", "blend", "blend_chosen_on",
-                                                          "zero_shot_val_balanced_acc", "adapter_val_balanced_acc")})
+        finish_head(model, task, val_y, cfg, meta, state, balanced_accuracy)  # post-hoc choices on val (heads.py)
         meta.update({"images_per_s": state["log"][-1]["images_per_s"] if state["log"] else None,
                      "device": str(dev), "best_epoch": state["best"]["epoch"]})
         if dd.world > 1 or dd.owns_group:
