@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: install datasets run test test-all bench readme-numbers clean
 
 install: datasets
-	$(PIP) install -q -e '.[dev,track]'
+	$(PIP) install -q -e '.[dev,track,pretrained]'
 
 # Debian ships real Fashion-MNIST (IDX files): the offline test dataset.
 datasets:

@@ -129,11 +129,27 @@ def compare(items, names=None, *, baseline: str | None = None, split: str | None
             result["verdict"] = v
             result["markdown"] = v["markdown"] + "\n" + result["markdown"]
     out = Path(out_dir) if out_dir else Path(evals[0]["run"]) / "eval"
+    if len(runs) == 1:  # the real-only control chosen on VAL among candidate heads (recipe.candidates)
+        result["markdown"] += control_line(Path(evals[0]["run"]) / "eval" / "candidates.json")
     result["markdown"] += curves_line(out)  # where the training curves are (eval/tracking.json), when known
     write_json(out / "compare.json", result)
     write_text(out / "report.md", result["markdown"])
     result["written"] = [str(out / "compare.json"), str(out / "report.md")]
     return result
+
+
+HEAD_NAMES = {"crt": "cRT: class-balanced CE", "la": "logit-adjusted CE", "taunorm": "tau-normalised CE"}
+
+
+def control_line(path: Path) -> str:
+    """One paragraph naming the real-only control chosen on VAL and every candidate's VAL score, or ``""``."""
+    if not Path(path).is_file():
+        return ""
+    c = read_json(path)
+    scores = ", ".join(f"{h} {100 * v:.2f}" for h, v in c["scores"].items())
+    return (f"\n**Real-only control:** the head `{c['chosen']}` ({HEAD_NAMES.get(c['chosen'], c['chosen'])}) on the "
+            f"frozen backbone, the best of the candidates on the {c['split']} split (balanced accuracy, {scores}; "
+            f"eval/candidates.json); `rebalanced` and `oracle` train the same head.\n")
 
 
 def _pick_baseline(name: str | None, labels: list[str]) -> str:

@@ -558,7 +558,7 @@ def compare_task(run: str, names: list[str], baseline: str, split: str, compare_
     report = r.eval_dir / "report.md"
     key = settings_key(names, cfg.model_dump(mode="json"), list(lead or []), oracle, why_no_oracle,
                        [_file_key(r.eval_dir / f"{n}-{split}.json") for n in names], _file_key(r.eval_dir / "headroom.json"),
-                       _file_key(r.eval_dir / "tracking.json"))  # the report's last line names the curves
+                       _file_key(r.eval_dir / "tracking.json"), _file_key(r.eval_dir / "candidates.json"))  # the report's last line names the curves
     if is_done(r, "compare", key, [report]):
         return cached("compare", r, str(report))
     ev.compare(r, list(names), cfg=cfg, out_dir=r.eval_dir, lead=tuple(lead) if lead else None, oracle=oracle,

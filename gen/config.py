@@ -86,6 +86,11 @@ class FeatCovOptions(BaseModel):
     featcov_heads: int = Field(0, ge=0, description="borrow the covariance of the k head classes nearest to the "
                                "class (0: of every head class)")
     featcov_shrink: float = Field(0.0, ge=0, le=1, description="shrink the borrowed covariance towards its diagonal")
+    featcov_pull: float = Field(0.0, ge=0, le=1, description="calibrated mean (TailCalibX, Yang et al.): move each "
+                                "tail sample this fraction of the way from its anchor towards the mean of the "
+                                "featcov_heads nearest head classes (needs featcov_heads > 0; 0: off)")
+    featcov_alpha: float = Field(0.0, ge=0, description="add alpha x the mean variance to the borrowed covariance's "
+                                 "diagonal (Yang et al.'s alpha, isotropic and scaled to the features; 0: off)")
 
 
 class WarpOptions(BaseModel):

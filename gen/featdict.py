@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tailforge.data import TailforgeError, load_images, read_manifest
+from tailforge.data import TailforgeError, read_manifest
 from tailforge.data.longtail import class_indices
 
 from .base import Generator
@@ -163,8 +163,11 @@ def train_features(run, model_name: str, progress: Progress | None = None):
     info = run.dataset_info()
     df = read_manifest(run.require(run.real, "measure"))
     df = df[(df["split"] == "train") & (df["source"] == "real")]
-    images = load_images(df["uri"], run.root, int(info["channels"]), tuple(info["image_size"]))
-    return train.embed(model, meta, images), df["label"].to_numpy()
+    from tailforge.train.features import backbone_features  # the run's feature cache (features/<model>/)
+
+    feats = backbone_features(run, model_dir, model, meta, df["uri"].tolist(), int(info["channels"]),
+                              tuple(info["image_size"]), 256, None)
+    return feats, df["label"].to_numpy()
 
 
 class FeatureGenerator(Generator):
