@@ -48,8 +48,9 @@ def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel], *, s
             continue  # nested models: YAML only
         elif type(None) in args and any(a in (int, float) for a in args):
             num = next(a for a in args if a in (int, float))
-            kw["type"] = _optional(num)
-            kw["metavar"] = f"{num.__name__.upper()}|none"
+            words = [w for a in args if typing.get_origin(a) is typing.Literal for w in typing.get_args(a)]
+            kw["type"] = _optional(num, words)
+            kw["metavar"] = f"{num.__name__.upper()}|{'|'.join(words + ['none'])}"
             kw["help"] += " ('none' turns it off)"
         elif ann is Path or Path in args or ann is str:
             kw["type"] = str
@@ -60,16 +61,19 @@ def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel], *, s
         target.add_argument(_option(prefix + name), **kw)
 
 
-def _optional(kind: type):
-    """Parse an optional number: 'none', 'null', 'off' -> None."""
+def _optional(kind: type, words: list[str] | None = None):
+    """Parse an optional number: 'none', 'null', 'off' -> None; one of ``words`` (a Literal's) -> itself."""
 
     def parse(text: str):
         if text.strip().lower() in ("none", "null", "off", "~"):
             return None
+        if text.strip() in (words or ()):
+            return text.strip()
         try:
             return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__} or 'none', got {text!r}") from None
+            also = "".join(f", '{w}'" for w in words or ())
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}{also} or 'none', got {text!r}") from None
 
     parse.__name__ = kind.__name__
     return parse

@@ -238,6 +238,9 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.stage == "crt" and not self.base:
             raise ValueError("stage crt needs `base`: the name of the trained model whose backbone is frozen")
+        if isinstance(self.tau_norm, (int, float)) and self.tau_norm < 0:
+            raise ValueError(f"tau_norm {self.tau_norm} is negative: use a tau >= 0 (1: unit-norm class weights), val, "
+                             "or none")
         if self.drw_epoch is not None and self.drw_epoch > self.epochs:
             raise ValueError(f"drw_epoch ({self.drw_epoch}) is after the last epoch ({self.epochs})")
         if self.transfer.active:
