@@ -41,7 +41,6 @@ import errno
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -171,13 +170,6 @@ def class_folders(class_names: list[str]) -> list[str]:
     return names
 
 
-def _ext(path: str) -> str:
-    s = Path(path).suffix.lower()
-    return s if s else ".png"
-
-
-# --------------------------------------------------------------------------- image bytes
-
 def _png_bytes(arr: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -189,59 +181,71 @@ def _png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class Source:
-    """Where a row's image comes from: a file (linked, copied or read as it is) or a row of an image array
-    (encoded as PNG)."""
+# --------------------------------------------------------------------------- image sources
+# Plain strings and os calls, no pathlib, no object per row: an export of 75,000 images spends its time in
+# system calls, not in Python (bench/export_speed.py).
 
-    def __init__(self, run: RunDir, uri: str):
-        self.path, self.row = run.resolve(uri)
-        self.ext = ".png" if self.row is not None else _ext(str(self.path))
+def sources(run: RunDir, uris) -> tuple[list[str], list[int], list[str]]:
+    """Per uri: the file (absolute), the array row (-1: a file, used as it is) and the exported extension (the
+    file's own; ``.png`` for array rows, which are encoded)."""
+    root = os.fspath(run.root)
+    paths, rows, exts = [], [], []
+    for uri in uris:
+        path, _, row = uri.partition("#")
+        paths.append(path if os.path.isabs(path) else os.path.join(root, path))
+        rows.append(int(row) if row else -1)
+        exts.append(".png" if row else (os.path.splitext(path)[1].lower() or ".png"))
+    return paths, rows, exts
 
-    def data(self) -> bytes:
-        if self.row is not None:
-            arr = load_npy(self.path)
-            if not 0 <= self.row < len(arr):
-                raise TailforgeError(f"{self.path} has {len(arr)} rows but the manifest asks for row {self.row}",
-                                     "the run folder is inconsistent; rebuild it with a new --run")
-            return _png_bytes(arr[self.row])
+
+def _missing(path: str) -> TailforgeError:
+    return TailforgeError(f"image {path} does not exist",
+                          "the run folder or its dataset root changed; re-run the stage that wrote it")
+
+
+def image_bytes(path: str, row: int) -> bytes:
+    """The bytes of one exported image: the file's as they are, or an array row encoded as PNG."""
+    if row >= 0:
+        arr = load_npy(path)
+        if row >= len(arr):
+            raise TailforgeError(f"{path} has {len(arr)} rows but the manifest asks for row {row}",
+                                 "the run folder is inconsistent; rebuild it with a new --run")
+        return _png_bytes(arr[row])
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise _missing(path) from None
+
+
+NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES)
+
+
+def place(path: str, row: int, dst: str, mode: str) -> str:
+    """Put one image at ``dst``: a hard link (``mode`` link; a copy where the file system cannot link), a copy, or
+    an array row encoded as PNG; returns which (linked, copied, encoded). An existing ``dst`` (left by an
+    interrupted export) is replaced."""
+    if row >= 0:
+        with open(dst, "wb") as fh:
+            fh.write(image_bytes(path, row))
+        return "encoded"
+    if mode == "link":
         try:
-            with open(self.path, "rb") as fh:
-                return fh.read()
+            os.link(path, dst)
+            return "linked"
+        except FileExistsError:
+            os.unlink(dst)
+            return place(path, row, dst, mode)
         except FileNotFoundError:
-            raise TailforgeError(f"image {self.path} does not exist",
-                                 "the run folder or its dataset root changed; re-run the stage that wrote it") from None
-
-    def place(self, dst: Path, mode: str, counts: dict) -> None:
-        """Write the image at ``dst``: a hard link (``mode`` link, same file system), else a copy; arrays as PNG.
-        Every write is atomic (a temporary name, then a rename), so a killed export leaves no half file."""
-        if self.row is None and mode == "link":
-            try:
-                os.link(self.path, dst)
-                counts["linked"] += 1
-                return
-            except FileExistsError:
-                os.unlink(dst)
-                os.link(self.path, dst)
-                counts["linked"] += 1
-                return
-            except FileNotFoundError:
-                raise TailforgeError(f"image {self.path} does not exist", "the run folder or its dataset root "
-                                     "changed; re-run the stage that wrote it") from None
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
-                    raise
-        tmp = dst.with_name(f".tmp-{dst.name}")
-        if self.row is None:
-            try:
-                shutil.copyfile(self.path, tmp)
-            except FileNotFoundError:
-                raise TailforgeError(f"image {self.path} does not exist", "the run folder or its dataset root "
-                                     "changed; re-run the stage that wrote it") from None
-            counts["copied"] += 1
-        else:
-            tmp.write_bytes(self.data())
-            counts["encoded"] += 1
-        os.replace(tmp, dst)
+            raise _missing(path) from None
+        except OSError as exc:
+            if exc.errno not in NO_LINK:
+                raise
+    try:
+        shutil.copyfile(path, dst)
+    except FileNotFoundError:
+        raise _missing(path) from None
+    return "copied"
 
 
 # --------------------------------------------------------------------------- writers
@@ -258,27 +262,48 @@ def _provenance(rows: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns=empty)
 
 
+DONE_GROUPS = ".done-groups"  # imagefolder: the <split>/<class> folders finished so far (resume skips them)
+
+
 def _write_imagefolder(run: RunDir, rows: pd.DataFrame, out: Path, cfg: ExportConfig, names: list[str],
                        resume: bool, progress: Progress | None) -> dict:
+    """One folder per split and class, finished one at a time (``.done-groups`` lists them: a resumed export skips
+    those and redoes the one it was killed in). Copies and PNG encodings go through a few threads (system calls
+    and zlib release the GIL); hard links are made in this thread."""
     folders = class_folders(names)
     counts = {"linked": 0, "copied": 0, "encoded": 0, "kept": 0}
-    files = []
-    total, done = len(rows), 0
-    for (split, label), grp in rows.groupby(["split", "label"], sort=False):
-        d = out / split / folders[int(label)]
-        d.mkdir(parents=True, exist_ok=True)
-        there = set(os.listdir(d)) if resume else set()
-        for uri, sid in zip(grp["uri"], grp["sample_id"]):
-            src = Source(run, uri)
-            name = file_stem(sid) + src.ext
-            files.append(f"{split}/{folders[int(label)]}/{name}")
-            if name in there:
-                counts["kept"] += 1
-            else:
-                src.place(d / name, cfg.files, counts)
-        done += len(grp)
-        if progress:
-            progress(done, total, {"split": split})
+    paths, arows, exts = sources(run, rows["uri"])
+    stems = [file_stem(x) for x in rows["sample_id"]]
+    split_col, label_col = rows["split"].to_numpy(), rows["label"].to_numpy()
+    files = [f"{sp}/{folders[int(lb)]}/{st}{ex}" for sp, lb, st, ex in zip(split_col, label_col, stems, exts)]
+    done_file = out / DONE_GROUPS
+    finished = set(done_file.read_text().split("\n")) if resume and done_file.exists() else set()
+    base = os.fspath(out)
+    starts = np.flatnonzero(np.r_[True, (split_col[1:] != split_col[:-1]) | (label_col[1:] != label_col[:-1])])
+    ends = np.r_[starts[1:], len(rows)]
+    pool = ThreadPoolExecutor(max_workers=READERS)
+    try:
+        with open(done_file, "a") as log:
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                group = f"{split_col[a]}/{folders[int(label_col[a])]}"
+                if group in finished:
+                    counts["kept"] += b - a
+                else:
+                    os.makedirs(os.path.join(base, group), exist_ok=True)
+                    dsts = [os.path.join(base, files[i]) for i in range(a, b)]
+                    if cfg.files == "link" and all(r < 0 for r in arows[a:b]):
+                        got = [place(paths[i], -1, d, "link") for i, d in zip(range(a, b), dsts)]
+                    else:
+                        got = _batched(pool, place, paths[a:b], arows[a:b], dsts, [cfg.files] * (b - a))
+                    for g in got:
+                        counts[g] += 1
+                    log.write(group + "\n")
+                    log.flush()
+                if progress:
+                    progress(b, len(rows), {"split": str(split_col[a])})
+    finally:
+        pool.shutdown()
+    done_file.unlink()
     prov = _provenance(rows)
     prov.insert(0, "file", files)
     with atomic_path(out / "provenance.csv") as tmp:
@@ -290,11 +315,22 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(n, i + size)) for i in range(0, n, size)]
 
 
-def _read_all(run: RunDir, uris: list[str]) -> tuple[list[bytes], list[str]]:
-    srcs = [Source(run, u) for u in uris]
-    with ThreadPoolExecutor(max_workers=READERS) as pool:
-        data = list(pool.map(Source.data, srcs))
-    return data, [s.ext for s in srcs]
+BATCH = 64  # files per thread-pool task: one task per file costs more than reading a small file
+
+
+def _batched(pool: ThreadPoolExecutor, fn, *lists) -> list:
+    """``[fn(*args) for args in zip(*lists)]``, in ``BATCH``-sized tasks on ``pool``."""
+    n = len(lists[0])
+
+    def run(a: int) -> list:
+        return [fn(*args) for args in zip(*(x[a:a + BATCH] for x in lists))]
+
+    return [y for part in pool.map(run, range(0, n, BATCH)) for y in part]
+
+
+def _read_all(run: RunDir, uris: list[str], pool: ThreadPoolExecutor) -> tuple[list[bytes], list[str]]:
+    paths, rows, exts = sources(run, uris)
+    return _batched(pool, image_bytes, paths, rows), exts
 
 
 def _sharded(rows: pd.DataFrame, cfg: ExportConfig, name: Callable[[str, int, int], str]):
@@ -316,29 +352,30 @@ def _hf_features(names: list[str], prov: pd.DataFrame) -> dict:
     return feats
 
 
-def _hf_table(run: RunDir, part: pd.DataFrame, prov: pd.DataFrame, feats: dict):
+def _arrow_provenance(prov: pd.DataFrame, feats: dict | None = None):
+    """The provenance columns as one arrow table, made once per export (``feats``: the hf features, whose
+    columns and types it takes; otherwise every column, types inferred)."""
     import pyarrow as pa
 
-    data, exts = _read_all(run, part["uri"].tolist())
+    types = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
+    cols = [c for c in feats if c not in ("image", "label")] if feats else list(prov.columns)
+    table = pa.Table.from_pandas(prov[cols], preserve_index=False)
+    if feats:
+        table = table.cast(pa.schema([pa.field(c, types[feats[c]["dtype"]]) for c in cols]))
+    return table.replace_schema_metadata(None)
+
+
+def _hf_table(run: RunDir, part: pd.DataFrame, prov_table, feats: dict, pool: ThreadPoolExecutor):
+    import pyarrow as pa
+
+    data, exts = _read_all(run, part["uri"].tolist(), pool)
     paths = [file_stem(s) + e for s, e in zip(part["sample_id"], exts)]
     image = pa.StructArray.from_arrays([pa.array(data, pa.binary()), pa.array(paths, pa.string())],
                                        names=["bytes", "path"])
     cols = {"image": image, "label": pa.array(part["label"].to_numpy(np.int64))}
-    for c, f in feats.items():
-        if c in cols:
-            continue
-        v = prov[c]
-        if f["dtype"] == "string":
-            cols[c] = pa.array([None if pd.isna(x) else str(x) for x in v], pa.string())
-        elif f["dtype"] == "int64":
-            cols[c] = pa.array([None if pd.isna(x) else int(x) for x in v], pa.int64())
-        elif f["dtype"] == "float64":
-            cols[c] = pa.array(pd.to_numeric(v, errors="coerce").to_numpy(np.float64), pa.float64())
-        else:
-            cols[c] = pa.array(v.to_numpy(bool), pa.bool_())
+    cols.update({c: prov_table.column(c) for c in prov_table.column_names})
     table = pa.table(cols)
-    meta = {"huggingface": json.dumps({"info": {"features": feats}})}
-    return table.replace_schema_metadata(meta)
+    return table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": feats}})})
 
 
 def _hf_readme(names: list[str], shards: dict[str, list[str]], run: RunDir) -> str:
@@ -361,8 +398,11 @@ def _write_hf(run: RunDir, rows: pd.DataFrame, out: Path, cfg: ExportConfig, nam
 
     prov = _provenance(rows)
     feats = _hf_features(names, prov)
+    prov_table = _arrow_provenance(prov, feats)
+    position = pd.Series(np.arange(len(rows)), index=rows.index)
     shards: dict[str, list[str]] = {s: [] for s in SPLITS}
     (out / "data").mkdir(parents=True, exist_ok=True)
+    pool = ThreadPoolExecutor(max_workers=READERS)
     kept = written = 0
     total, done = len(rows), 0
 
@@ -378,8 +418,9 @@ def _write_hf(run: RunDir, rows: pd.DataFrame, out: Path, cfg: ExportConfig, nam
             with atomic_path(dst) as tmp:
                 writer = None
                 try:
+                    first = int(position[part.index[0]])  # a shard's rows are consecutive rows of the export
                     for a, b in _chunks(len(part), ROW_GROUP):
-                        t = _hf_table(run, part.iloc[a:b], prov.loc[part.index[a:b]], feats)
+                        t = _hf_table(run, part.iloc[a:b], prov_table.slice(first + a, b - a), feats, pool)
                         if writer is None:
                             writer = pq.ParquetWriter(tmp, t.schema, compression="none")
                         writer.write_table(t)
@@ -390,53 +431,83 @@ def _write_hf(run: RunDir, rows: pd.DataFrame, out: Path, cfg: ExportConfig, nam
         done += len(part)
         if progress:
             progress(done, total, {"split": split, "shard": fname})
+    pool.shutdown()
     write_text(out / "README.md", _hf_readme(names, shards, run))
     return {"shards": {s: f for s, f in shards.items() if f}, "written": written, "kept": kept,
             "splits": {s: HF_SPLITS[s] for s in SPLITS if shards[s]}}
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    info.mtime = 0  # the same rows give the same bytes
-    tar.addfile(info, io.BytesIO(data))
+def _tar_template() -> tuple[bytes, int]:
+    h = bytearray(512)
+    h[100:108] = b"0000644\0"
+    h[108:116] = b"0000000\0"
+    h[116:124] = b"0000000\0"
+    h[136:148] = b"00000000000\0"
+    h[148:156] = b"        "  # the checksum field counts as spaces
+    h[156:157] = b"0"
+    h[257:265] = b"ustar\x0000"
+    return bytes(h), sum(h)
+
+
+_TAR_TEMPLATE, _TAR_SUM = _tar_template()
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """A ustar header (mode 644, mtime 0: the same rows give the same bytes), built from a template: tarfile's
+    TarInfo costs ten times as much, and a shard holds three members per sample. Names over 100 bytes go through
+    tarfile (GNU long-name records)."""
+    raw = name.encode()
+    if len(raw) > 100:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o644, 0
+        return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+    h = bytearray(_TAR_TEMPLATE)
+    h[0:len(raw)] = raw
+    field = b"%011o\0" % size
+    h[124:136] = field
+    h[148:156] = b"%06o\0 " % (_TAR_SUM + sum(raw) + sum(field))
+    return bytes(h)
+
+
+def _tar_member(fh, name: str, data: bytes) -> None:
+    fh.write(tar_header(name, len(data)))
+    fh.write(data)
+    pad = -len(data) % 512
+    if pad:
+        fh.write(b"\0" * pad)
 
 
 def _write_webdataset(run: RunDir, rows: pd.DataFrame, out: Path, cfg: ExportConfig, names: list[str],
                       resume: bool, progress: Progress | None) -> dict:
     prov = _provenance(rows)
+    records = _arrow_provenance(prov).to_pylist()  # plain Python values, None for nulls: ready for JSON
+    position = pd.Series(np.arange(len(rows)), index=rows.index)
     shards: dict[str, list[str]] = {s: [] for s in SPLITS}
     kept = written = 0
     total, done = len(rows), 0
+    pool = ThreadPoolExecutor(max_workers=READERS)
     for split, fname, part in _sharded(rows, cfg, lambda s, i, n: f"{s}-{i:06d}.tar"):
         shards[split].append(fname)
         dst = out / fname
         if resume and dst.exists():
             kept += 1
         else:
-            recs = prov.loc[part.index].to_dict("records")
-            with atomic_path(dst) as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+            first = int(position[part.index[0]])
+            with atomic_path(dst) as tmp, open(tmp, "wb", buffering=1 << 20) as fh:
                 for a, b in _chunks(len(part), ROW_GROUP):
-                    data, exts = _read_all(run, part["uri"].iloc[a:b].tolist())
-                    for rec, blob, ext in zip(recs[a:b], data, exts):
+                    data, exts = _read_all(run, part["uri"].iloc[a:b].tolist(), pool)
+                    for rec, blob, ext in zip(records[first + a:first + b], data, exts):
                         key = file_stem(rec["sample_id"])
-                        meta = {k: (None if _isna(v) else v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
-                        _tar_member(tar, f"{key}{ext}", blob)
-                        _tar_member(tar, f"{key}.cls", str(int(rec["label"])).encode())
-                        _tar_member(tar, f"{key}.json", json.dumps(meta).encode())
+                        _tar_member(fh, f"{key}{ext}", blob)
+                        _tar_member(fh, f"{key}.cls", str(rec["label"]).encode())
+                        _tar_member(fh, f"{key}.json", json.dumps(rec).encode())
+                fh.write(b"\0" * 1024)  # end of archive: two zero blocks
             written += 1
         done += len(part)
         if progress:
             progress(done, total, {"split": split, "shard": fname})
+    pool.shutdown()
     return {"shards": {s: f for s, f in shards.items() if f}, "written": written, "kept": kept}
-
-
-def _isna(v) -> bool:
-    try:
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False
 
 
 WRITERS = {"imagefolder": _write_imagefolder, "hf": _write_hf, "webdataset": _write_webdataset}

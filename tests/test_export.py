@@ -200,22 +200,26 @@ def test_interrupted_export_resumes_without_redoing_finished_shards(warp_run, tm
     again = (dest / "train-000000.tar").stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not written again
     assert not partial.exists()
-    # an imagefolder export resumes file by file
+    # an imagefolder export resumes at the class folder it was killed in
     cfg = ExportConfig(to=tmp_path / "if", format="imagefolder")
-    real_place, placed = ex.Source.place, {"n": 0}
+    real_place, placed = ex.place, {"n": 0}
 
-    def dying_place(self, dst, mode, counts):
+    def counting_place(*args):
         placed["n"] += 1
-        if placed["n"] > 300:
+        if placed.get("die") and placed["n"] > 300:
             raise KeyboardInterrupt
-        real_place(self, dst, mode, counts)
+        return real_place(*args)
 
-    monkeypatch.setattr(ex.Source, "place", dying_place)
+    monkeypatch.setattr(ex, "place", counting_place)
+    placed["die"] = True
     with pytest.raises(KeyboardInterrupt):
         export_run(warp_run, cfg)
-    monkeypatch.setattr(ex.Source, "place", real_place)
+    placed.update(n=0, die=False)
     out = export_run(warp_run, cfg)
-    assert out["kept"] == 300 and out["linked"] + out["encoded"] == sum(c["samples"] for c in out["counts"].values()) - 300
+    total = sum(c["samples"] for c in out["counts"].values())
+    assert 0 < out["kept"] <= 300 and placed["n"] == total - out["kept"]  # finished class folders are not redone
+    assert out["linked"] + out["encoded"] == total - out["kept"]
+    assert sum(1 for _ in (tmp_path / "if").rglob("*.png")) == total and not (tmp_path / "if" / ".done-groups").exists()
 
 
 def test_feature_space_samples_go_to_a_features_file(tmp_path, one_torch_thread, capsys):
