@@ -554,18 +554,37 @@ def _inside(a: Path, b: Path) -> bool:
 
 
 def _check_dest(run: RunDir, dest: Path) -> None:
-    """A destination that is (or holds) the run folder or the dataset would be replaced by ``overwrite``."""
+    """Refuse a destination that ``overwrite`` would turn against the inputs: the run folder or a folder holding it,
+    or the dataset root, a folder holding it or one inside it (real data is only ever read)."""
     dest = dest.resolve()
-    keep = [run.root.resolve()]
-    if run.dataset.exists():
-        root = read_json(run.dataset).get("root")
-        if root:
-            keep.append(Path(root).resolve())
-    for k in keep:
-        if _inside(k, dest):
-            what = "run folder" if k == keep[0] else "dataset root"
-            raise TailforgeError(f"export folder {dest} is or holds the {what} {k}",
-                                 "choose another --to folder, outside the run and the dataset")
+    if dest == Path(dest.anchor):
+        raise TailforgeError(f"export folder {dest} is the file system's root", "pass a folder of its own to --to")
+    if _inside(run.root.resolve(), dest):
+        raise TailforgeError(f"export folder {dest} is or holds the run folder {run.root.resolve()}",
+                             "choose another --to folder, outside the run and the dataset")
+    root = read_json(run.dataset).get("root") if run.dataset.exists() else None
+    if root and (_inside(Path(root).resolve(), dest) or _inside(dest, Path(root).resolve())):
+        raise TailforgeError(f"export folder {dest} is, holds or lies inside the dataset root {Path(root).resolve()}",
+                             "choose another --to folder, outside the run and the dataset")
+
+
+def check_destination(run: RunDir, cfg: ExportConfig) -> None:
+    """Before a flow starts any work: the destination is acceptable (see ``_check_dest``), and a non-empty one holds
+    an export of this run (brought up to date at the end) or ``overwrite`` is set."""
+    if cfg.to is None:
+        return
+    dest = Path(cfg.to).expanduser()
+    if dest.exists() and not dest.is_dir():
+        raise TailforgeError(f"export folder {dest} is a file", "pass a folder (a new name creates it) to export.to")
+    _check_dest(run, dest)
+    if dest.is_dir() and not _is_empty_dir(dest) and not cfg.overwrite:
+        try:
+            mine = read_json(dest / MANIFEST).get("run") == str(run.root.resolve())
+        except (OSError, ValueError):
+            mine = False
+        if not mine:
+            raise TailforgeError(f"export folder {dest} exists and is not empty (export.to)",
+                                 "--set export.overwrite=true to replace it, or choose another export.to folder")
 
 
 def _up_to_date(dest: Path, key: str) -> dict | None:
@@ -608,7 +627,7 @@ def export_run(run: RunDir, cfg: ExportConfig, progress: Progress | None = None)
     if cfg.to is None:
         raise TailforgeError("export needs a destination folder", "pass --to DIR (or set export.to)")
     t0 = time.perf_counter()
-    dest = Path(cfg.to).expanduser()
+    dest = Path(cfg.to).expanduser().absolute()
     if dest.exists() and not dest.is_dir():
         raise TailforgeError(f"export folder {dest} is a file", "pass a folder (a new name creates it) to --to")
     info = run.dataset_info()

@@ -481,6 +481,9 @@ def _diff(old: Any, new: Any, path: str) -> list[str]:
 def check_run_folder(cfg: RunConfig) -> None:
     """Refuse a config that contradicts outputs already in the run folder (before any work starts)."""
     run = cfg.run_dir
+    from tailforge.data.export import check_destination
+
+    check_destination(run, cfg.export)  # export.to: refused now, not after the filter
     if not run.config.exists():
         return
     try:

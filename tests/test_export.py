@@ -169,6 +169,11 @@ def test_existing_folder_is_refused_in_one_line_and_the_same_export_is_up_to_dat
     assert main(args) == 0  # the very same export: nothing to do, no refusal
     assert "nothing to do" in capsys.readouterr().out
     assert main(args[:-1] + ["webdataset"]) == 2  # another export into it: refused
+    capsys.readouterr()
+    # in a flow: refused before any work starts (not after the filter)
+    assert main(["run", "--run", str(tmp_path / "other"), "--set", f"export.to={dest}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "export.overwrite=true" in err and not (tmp_path / "other").exists()
     # the run folder and the dataset are never a destination (overwrite would delete them)
     assert main(["export", "--run", str(warp_run.root), "--to", str(warp_run.root), "--overwrite"]) == 2
     assert "is or holds the run folder" in capsys.readouterr().err
