@@ -48,6 +48,23 @@ def test_seeded_samples_are_batch_independent_and_respect_the_domain():
         FeatureCovOversampler(scale=-1)
 
 
+def test_calibration_pulls_tail_samples_towards_the_nearest_heads_and_widens_them():
+    X, y, centres, _ = blobs(counts=(300, 200, 5))
+    tail = X[y == 2]
+    near = FeatureCovOversampler(scale=0.0, heads=1, pull=0.5, random_state=0).fit(X, y)
+    nearest_head = near._near(2)[0]
+    assert nearest_head == int(np.argmin(((centres[:2] - centres[2]) ** 2).sum(1)))
+    s = near.sample(2, range(200))
+    # scale 0, pull 0.5: every sample lies halfway between a real tail anchor and the nearest head's mean
+    mid = 0.5 * (tail + X[y == nearest_head].mean(0))
+    assert all(np.isclose(((mid - c) ** 2).sum(1), 0, atol=1e-6).any() for c in s)
+    wide = FeatureCovOversampler(scale=1.0, heads=1, alpha=4.0).fit(X, y).sample(2, range(400))
+    plain = FeatureCovOversampler(scale=1.0, heads=1).fit(X, y).sample(2, range(400))
+    assert wide.std(0).mean() > 1.5 * plain.std(0).mean()  # alpha adds isotropic variance
+    with pytest.raises(TailforgeError, match="featcov_heads"):
+        FeatureCovOversampler(pull=0.5)
+
+
 def test_featcov_generator_writes_feature_shards_the_crt_recipe_uses(digits_run_copy):
     """End to end: a tiny CNN, featcov features of its backbone, then cRT on real + featcov features."""
     from tailforge import train
