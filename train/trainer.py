@@ -377,8 +377,8 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
         if cfg.pretrained is not None:  # the weights' own inputs (pretrained_cfg), recorded in the model folder
             mean, std = pretrained_norm(cfg.pretrained, chans)
             meta_extra["pretrained"] = pre = {"path": str(cfg.pretrained), **load_pretrained(model, cfg.pretrained)}
-            log.info("pretrained %s: %d of %d backbone tensors loaded (by %s), %d of the file's %d not used (its "
-                     "classifier)", cfg.pretrained, pre["loaded"], pre["loaded"] + pre["missing"], pre["rule"],
+            log.info("pretrained %s: %d of %d backbone tensors loaded (by %s), %d of the file's %d not used (a "
+                     "classifier, or tensors this backbone lacks)", cfg.pretrained, pre["loaded"], pre["loaded"] + pre["missing"], pre["rule"],
                      pre["skipped"], pre["file_tensors"])
             if pre["missing"]:
                 log.warning("pretrained %s: %d backbone tensors have no match there and keep their random "
