@@ -341,7 +341,7 @@ def test_round_trip_through_tailforge_run(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     tiny = ["--set", "train.epochs=2", "--set", "train.width=8", "--set", "recipe.epochs=2", "--set",
-            "evaluate.plots=false", "--set", "compare.oracle=false", "--set", "compare.bootstrap=50"]
+            "evaluate.plots=false", "--set", "compare.oracle=false", "--set", "compare.bootstrap=100"]
     assert main(["run", "--run", "runs/warp", "--set", "generate.generator=warp", "--set", "export.to=exp-hf",
                  "--set", "export.format=hf", *tiny]) == 0
     assert (tmp_path / "exp-hf" / "export.json").is_file()
