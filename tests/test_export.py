@@ -353,3 +353,29 @@ def test_round_trip_through_tailforge_run(tmp_path, monkeypatch):
     assert main(["run", "--run", "runs/on-export", "--set", "data.dataset=hf", "--set", "data.root=exp-hf",
                  "--set", "generate.generator=warp", *tiny]) == 0
     assert (tmp_path / "runs" / "on-export" / "eval" / "report.md").is_file()
+
+
+def test_other_layouts_go_through_datasets_or_name_the_extra(tmp_path, monkeypatch):
+    """An image folder with metadata.csv (no parquet, no save_to_disk): datasets.load_dataset, offline; without the
+    library, one line naming the extra."""
+    pytest.importorskip("datasets")
+    import sys
+
+    from PIL import Image
+
+    from tailforge.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 6)):
+        (tmp_path / "ds" / split).mkdir(parents=True)
+        lines = ["file_name,label"]
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)).save(tmp_path / "ds" / split / f"{i}.png")
+            lines.append(f"{i}.png,{'abc'[i % 3]}")
+        (tmp_path / "ds" / split / "metadata.csv").write_text("\n".join(lines) + "\n")
+    raw = load_dataset(DataConfig(dataset="hf", root=tmp_path / "ds"))
+    assert raw.class_names == ["a", "b", "c"] and set(raw.splits) == {"train", "test"}
+    assert np.bincount(raw.splits["train"].labels).tolist() == [4, 4, 4]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(TailforgeError, match=r"needs the datasets library.*pip install 'tailforge\[hf\]'"):
+        load_dataset(DataConfig(dataset="hf", root=tmp_path / "ds"))
