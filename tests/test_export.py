@@ -379,3 +379,24 @@ def test_other_layouts_go_through_datasets_or_name_the_extra(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     with pytest.raises(TailforgeError, match=r"needs the datasets library.*pip install 'tailforge\[hf\]'"):
         load_dataset(DataConfig(dataset="hf", root=tmp_path / "ds"))
+
+
+def test_a_balanced_export_tops_up_nothing_and_the_filter_keeps_nothing(tmp_path):
+    """A rebalanced export read back is balanced: the plan tops up no class, generation is skipped, and the filter
+    writes an empty filtered.parquet (the flow's rebalanced arm then trains on the real data alone)."""
+    from conftest import make_image_tree
+    from tailforge.eval.filter import FilterConfig, filter_candidates
+    from tailforge.gen import PlanConfig, plan_run
+    from tailforge.train import TrainConfig
+    from tailforge.train.trainer import training_table
+
+    root = tmp_path / "balanced"
+    for split, n in (("train", 12), ("val", 3), ("test", 3)):
+        make_image_tree(root / split, {"a": n, "b": n}, seed=n)
+    run = RunDir(tmp_path / "run")
+    build_manifest(DataConfig(dataset="imagefolder", root=root), run)
+    measure_run(run)
+    assert plan_run(run, PlanConfig(target="balance")).total == 0
+    out = filter_candidates(run, FilterConfig())
+    assert len(out) == 0 and run.filtered.exists()
+    assert len(training_table(run, TrainConfig(synthetic="filtered"))) == 24

@@ -206,6 +206,17 @@ def filter_candidates(run: RunDir | str | Path, cfg: FilterConfig | None = None,
     run = run if isinstance(run, RunDir) else RunDir(run)
     cfg = cfg or FilterConfig()
     info = run.dataset_info()
+    if not run.candidates.exists() and run.plan.exists() and int(read_json(run.plan).get("total", 0)) == 0:
+        # the plan tops up no class (a balanced dataset, e.g. one that `tailforge export` wrote): nothing was
+        # generated, nothing is kept, and the arms train on the real data alone
+        out = pd.DataFrame({"sample_id": pd.Series(dtype=str), "uri": pd.Series(dtype=str),
+                            "label": pd.Series(dtype="int64"), "class_name": pd.Series(dtype=str),
+                            "split": pd.Series(dtype=str), "source": pd.Series(dtype=str),
+                            **{c: pd.Series(dtype=float) for c in (*SCORE_COLUMNS, "fidelity_threshold")},
+                            "space": pd.Series(dtype=str), "accepted": pd.Series(dtype=bool),
+                            "reason": pd.Series(dtype=str)})
+        write_manifest(out, run.filtered)
+        return out
     cands = read_manifest(run.require(run.candidates, "generate")).reset_index(drop=True)
     check_candidates(cands, info)
     quotas = load_quotas(run)
