@@ -48,10 +48,11 @@ def one(ds: str, seed: int, variant: str, a) -> dict | None:
     src = Path(a.runs) / f"{ds}-s{seed}"
     if not (src / "models" / "baseline" / "model.safetensors").exists():
         return None
-    dst = Path(a.out_runs) / f"{ds}-s{seed}-{variant}"
+    dst = Path(a.out_runs) / f"{ds}-s{seed}-{variant}" if a.split == "val" else \
+        Path(a.out_runs) / f"{ds}-s{seed}-{variant}-{a.split}"
     linked(src, dst)
     sets = [s.format(ffold=a.ffold, letters=a.letters) for s in DATASETS[ds] if not s.startswith("data.image_size")]
-    sets += [f"data.seed={seed}", f"train.seed={seed}", f"generate.seed={seed}", "evaluate.split=val",
+    sets += [f"data.seed={seed}", f"train.seed={seed}", f"generate.seed={seed}", f"evaluate.split={a.split}",
              "evaluate.plots=false", "track.tensorboard=false"]
     if ds in LARGE:
         sets.append(f"train.epochs={a.ft_epochs_large}")
@@ -59,8 +60,9 @@ def one(ds: str, seed: int, variant: str, a) -> dict | None:
     if not (dst / "eval" / "report.md").exists():
         tf("run", "--wait", "--config", RECIPE, "--run", str(dst), *sum((["--set", s] for s in sets), []),
            log=str(dst) + ".log", threads=a.threads)
-    ev = {k: 100 * read_json(dst / "eval" / f"{k}-val.json")["balanced_acc"] for k in ("real-only", "rebalanced", "oracle")}
-    print(f"{dst}: gain {ev['rebalanced'] - ev['real-only']:+.2f} (val)", flush=True)
+    ev = {k: 100 * read_json(dst / "eval" / f"{k}-{a.split}.json")["balanced_acc"]
+          for k in ("real-only", "rebalanced", "oracle")}
+    print(f"{dst}: gain {ev['rebalanced'] - ev['real-only']:+.2f} ({a.split})", flush=True)
     return {"real-only": ev["real-only"], "rebalanced": ev["rebalanced"], "oracle": ev["oracle"],
             "gain": ev["rebalanced"] - ev["real-only"], "room": ev["oracle"] - ev["real-only"],
             "chosen": read_json(dst / "eval" / "candidates.json")["chosen"]}
@@ -77,6 +79,8 @@ def main(argv=None) -> None:
     ap.add_argument("--letters", default="/tmp/letters")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ft-epochs-large", type=int, default=2)
+    ap.add_argument("--split", default="val", choices=["val", "test"], help="val chooses; test only reports the "
+                    "variant chosen on val (run it with that one variant)")
     ap.add_argument("--out", default="bench/results/featcov_variants")
     a = ap.parse_args(argv)
     res: dict = {}
@@ -86,10 +90,10 @@ def main(argv=None) -> None:
                 row = one(ds, s, v, a)
                 if row is not None:
                     res.setdefault(v, {}).setdefault(ds, []).append({"seed": s, **row})
-    lines = ["# featcov settings for the pretrained recipe, chosen on VAL (`bench/featcov_variants.py`)", "",
+    lines = [f"# featcov settings for the pretrained recipe on the {a.split.upper()} split (`bench/featcov_variants.py`)", "",
              "Linked copies of bench/pretrained_table.py's runs (the same fine-tuned baseline and feature cache), the "
-             "whole benchmark flow again with each variant's `generate.featcov` settings, evaluated on the VAL split "
-             "only. Gain = rebalanced − real-only (the real-only head chosen on VAL), points of balanced accuracy, "
+             f"whole benchmark flow again with each variant's `generate.featcov` settings, evaluated on the {a.split.upper()} "
+             "split only. Gain = rebalanced − real-only (the real-only head chosen on VAL), points of balanced accuracy, "
              "mean ± std over seeds; the last column is the mean over datasets.", "",
              "| variant | settings | " + " | ".join(a.datasets) + " | mean |", "|---|---|" + "---:|" * (len(a.datasets) + 1)]
     for v, by in res.items():
@@ -98,7 +102,7 @@ def main(argv=None) -> None:
         lines.append(f"| {v} | `{json.dumps(VARIANTS[v]) if VARIANTS[v] else 'recipe default'}` | "
                      + " | ".join(cells) + f" | {mean:+.2f} |")
     rooms = {ds: ms([r["room"] for r in res[a.variants[0]].get(ds, [])]) for ds in a.datasets if res.get(a.variants[0])}
-    lines += ["", "VAL room (oracle − real-only) of the same runs: " + ", ".join(f"{d} {r}" for d, r in rooms.items())]
+    lines += ["", f"{a.split.upper()} room (oracle − real-only) of the same runs: " + ", ".join(f"{d} {r}" for d, r in rooms.items())]
     Path(a.out + ".md").write_text("\n".join(lines) + "\n")
     Path(a.out + ".json").write_text(json.dumps(res, indent=1))
     print("\n".join(lines))

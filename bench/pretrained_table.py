@@ -74,6 +74,12 @@ def collect(run: Path, secs: float | None = None) -> dict | None:
     return row
 
 
+def above_noise(vals) -> bool:
+    """The mean is more than two standard errors above 0 (a share of a room within seed noise means nothing)."""
+    v = np.asarray(vals, dtype=float)
+    return len(v) > 1 and v.mean() - 2 * v.std(ddof=1) / np.sqrt(len(v)) > 0
+
+
 def table(res: dict, small: dict, a) -> str:
     out = ["| data (IF) | recipe | real-only (head) | rebalanced (featcov) | oracle | room | gain | captured |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -82,13 +88,13 @@ def table(res: dict, small: dict, a) -> str:
         if srows:
             sroom = [r["oracle_test"] - r["real-only_test"] for r in srows]
             sgain = [r["rebalanced_test"] - r["real-only_test"] for r in srows]
-            cap = f"{100 * np.mean(sgain) / np.mean(sroom):.0f} %" if np.mean(sroom) > 0 else "–"
+            cap = f"{100 * np.mean(sgain) / np.mean(sroom):.0f} %" if above_noise(sroom) else "– (room within seed noise)"
             out.append(f"| {ds} | small-images ({len(srows)} seeds) | {m([r['real-only_test'] for r in srows])} (crt) | "
                        f"{m([r['rebalanced_test'] for r in srows])} | {m([r['oracle_test'] for r in srows])} | "
                        f"{ms(sroom)} | {ms(sgain)} | {cap} |")
         heads = ", ".join(f"{h} ×{sum(r['chosen'] == h for r in rows)}" for h in sorted({r["chosen"] for r in rows}))
         cap = f"{100 * np.mean([r['gain'] for r in rows]) / np.mean([r['room'] for r in rows]):.0f} %" \
-            if np.mean([r["room"] for r in rows]) > 0 else "–"
+            if above_noise([r["room"] for r in rows]) else "– (room within seed noise)"
         ep = f", {a.ft_epochs_large} fine-tune epochs" if ds in LARGE else ""
         out.append(f"| {ds} | **pretrained** ({len(rows)} seeds{ep}) | {m([r['real-only_test'] for r in rows])} "
                    f"({heads}) | {m([r['rebalanced_test'] for r in rows])} | {m([r['oracle_test'] for r in rows])} | "
@@ -137,7 +143,7 @@ def main(argv=None) -> None:
             if row is not None:
                 res.setdefault(ds, []).append({"seed": s, **row})
     small_all = json.loads(Path(a.small).read_text()) if Path(a.small).exists() else {}
-    small = {ds: [r for r in small_all.get(ds, []) if r["seed"] in a.seeds] for ds in res}
+    small = {ds: [r for r in small_all.get(ds, []) if r["seed"] in {x["seed"] for x in res[ds]}] for ds in res}
     md = ("# The pretrained recipe vs the small-images recipe (`bench/pretrained_table.py`)\n\n"
           "`tailforge run --config flows/recipes/pretrained.yaml`, one run folder per dataset and seed (data, train "
           "and generate seed alike); the small-images rows are bench/results/room_table.json (same datasets, seeds, "
