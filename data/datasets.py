@@ -386,6 +386,9 @@ def load_hf(cfg: DataConfig) -> RawDataset:
     """A local Hugging Face dataset (``save_to_disk`` folder or parquet shards; ``data/hf.py``): its Image and
     ClassLabel columns (``data.image_column`` / ``data.label_column``), its splits as they are. Nothing is
     downloaded."""
-    from .hf import load_hf as load
+    from .hf import read_hf
 
-    return load(cfg)
+    d = read_hf(cfg)
+    splits = {s: RawSplit(labels=labels, images=images) for s, (labels, images) in d["splits"].items()}
+    return RawDataset("hf", d["names"], splits, channels=d["channels"], image_size=d["image_size"], root=d["root"],
+                      skipped=d["skipped"])

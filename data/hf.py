@@ -284,10 +284,9 @@ def _header(blob: bytes) -> tuple[str, tuple[int, int]]:
 
 # --------------------------------------------------------------------------- the loader
 
-def load_hf(cfg: DataConfig):
-    """``DATASETS["hf"]``: a ``RawDataset`` with one uint8 image array per split."""
-    from .datasets import RawDataset, RawSplit
-
+def read_hf(cfg: DataConfig) -> dict:
+    """What ``DATASETS["hf"]`` makes a ``RawDataset`` of: ``names``, ``splits`` ({split: (labels, uint8 images)}),
+    ``channels``, ``image_size``, ``root`` and ``skipped``."""
     root = hf_root(cfg)
     parts = find_parts(root)
     if parts is None:
@@ -375,8 +374,8 @@ def load_hf(cfg: DataConfig):
             im = _open(b)
             im.load()
             out[i] = to_array(im, channels, None if native else size)
-        splits[s] = RawSplit(labels=labels[s], images=out)
+        splits[s] = (labels[s], out)
         if not len(bl):
             raise TailforgeError(f"split {s} of {root} holds no usable images", "check data.image_column")
-    return RawDataset("hf", names, splits, channels=channels, image_size=tuple(size), root=str(root.resolve()),
-                      skipped=skipped)
+    return {"names": names, "splits": splits, "channels": channels, "image_size": tuple(size),
+            "root": str(root.resolve()), "skipped": skipped}
