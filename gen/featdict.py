@@ -165,8 +165,8 @@ def train_features(run, model_name: str, progress: Progress | None = None):
     df = df[(df["split"] == "train") & (df["source"] == "real")]
     from tailforge.train.features import backbone_features  # the run's feature cache (features/<model>/)
 
-    feats = backbone_features(run, model_dir, model, meta, df["uri"].tolist(), int(info["channels"]),
-                              tuple(info["image_size"]), 256, None)
+    feats = backbone_features(run, model_dir, lambda x: train.embed(model, meta, x), df["uri"].tolist(),
+                              int(info["channels"]), tuple(info["image_size"]))
     return feats, df["label"].to_numpy()
 
 

@@ -79,8 +79,8 @@ def embed_cached(embedder, uris: list[str], run: RunDir, load: Callable[[list[st
     return arr
 
 
-def backbone_features(run: RunDir, base_dir: Path, model, meta: dict, uris: list[str], chans: int, size,
-                      batch_size: int, dev, *, chunk: int = 4096) -> np.ndarray:
+def backbone_features(run: RunDir, base_dir: Path, encode: Callable[[np.ndarray], np.ndarray], uris: list[str],
+                      chans: int, size, *, chunk: int = 4096) -> np.ndarray:
     """Features (N, D) of image ``uris`` under the frozen backbone of the model in ``base_dir`` (a model of the
     run, or a model folder elsewhere), cached in ``features/<its name>/``: the heads of a crt recipe (cRT, logit adjustment, tau-norm; every arm and candidate)
     train on these, so each costs seconds once the backbone has seen the images.
@@ -89,15 +89,14 @@ def backbone_features(run: RunDir, base_dir: Path, model, meta: dict, uris: list
     uris (an arm, a thinned headroom point, the val split) is served from them; other images (an image
     generator's candidates, the oracle's held-back images) are cached per uri list (``other-<key>-<hash>/``).
     ``key`` names the base's weights (path, size and mtime of its model folder's files), so a retrained base
-    never reuses stale vectors. Each cache folder is written atomically and sealed (data/integrity.py), and
+    never reuses stale vectors. ``encode``: uint8 images (N x H x W x C) -> float32 features (N x D) of that base
+    (``train.embed`` of its model, say). Each cache folder is written atomically and sealed (data/integrity.py), and
     checked before reuse: a damaged one is reported and recomputed.
     """
     from tailforge.data.atomic import atomic_dir
     from tailforge.data.images import load_images
     from tailforge.data.integrity import folder_ok
     from tailforge.data.manifest import read_manifest
-
-    from .checkpoint import embed
 
     base = Path(base_dir).name
     root = run.root / "features" / base
@@ -109,9 +108,9 @@ def backbone_features(run: RunDir, base_dir: Path, model, meta: dict, uris: list
             arr = np.load(f)
             if len(arr) == len(want):
                 return arr
-        parts = [embed(model, meta, load_images(want[s:s + chunk], run.root, chans, size), batch_size, dev)
+        parts = [np.asarray(encode(load_images(want[s:s + chunk], run.root, chans, size)), np.float32)
                  for s in range(0, len(want), chunk)]
-        arr = np.concatenate(parts) if parts else np.zeros((0, int(meta["feature_dim"])), np.float32)
+        arr = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
         with atomic_dir(folder) as tmp:
             np.save(tmp / "features.npy", arr)
             (tmp / "uris.txt").write_text("\n".join(want) + "\n")

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from tailforge.data.errors import TailforgeError, unknown_name
 
+from .weights import find_weights, read_weights  # noqa: F401  (their home is weights.py; kept importable here)
+
 # our name -> (timm name, smallest input side the architecture accepts)
 TIMM_MODELS = {
     "resnet18": ("resnet18", 16),
@@ -188,36 +190,6 @@ def create_model(arch: str, num_classes: int, in_chans: int, image_size: int, *,
         kw = {"img_size": size} if "vit" in name else {}
         body = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kw)
     return Classifier(body, int(body.num_features), num_classes, size, head=head, scale=scale)
-
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors`` file or a torch file (tensors only; a nested ``state_dict``/``model``)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    return sd
-
-
-def find_weights(path: Path) -> Path:
-    """A weights file from a file or folder path, or a clear error (we never download)."""
-    path = Path(path)
-    if path.is_dir():
-        for pat in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "*.pth", "*.pt", "*.bin"):
-            hits = sorted(path.glob(pat))
-            if hits:
-                return hits[0]
-        raise TailforgeError(f"pretrained folder {path} holds no weights (.safetensors/.pth/.pt/.bin)",
-                             "put the downloaded weights file there, or pass the file itself")
-    if not path.is_file():
-        raise TailforgeError(f"pretrained weights {path} do not exist (tailforge never downloads weights)",
-                             "download them on a connected machine and pass the local file or folder")
-    return path
 
 
 def pretrained_norm(path, chans: int) -> tuple[list[float], list[float]]:

@@ -32,7 +32,7 @@ from tailforge.data.measure import ClassStats
 from tailforge.data.run import RunDir
 
 from .augment import augment, mix
-from .checkpoint import build_from_meta, load_model, resolve_device
+from .checkpoint import build_from_meta, embed, load_model, resolve_device
 from .features import backbone_features
 from .heads import finish as finish_head
 from .clip import ClipAdapter, adapter_for_run, base_features, check_folder, move_towers
@@ -334,8 +334,8 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
         if isinstance(base, ClipAdapter):  # its features are in the run's cache
             feats, val_feats = base_features(run, base, bmeta, img_rows, val, info, cfg.eval_batch_size, dev)
         else:
-            feats, val_feats = (backbone_features(run, bdir, base, bmeta, r["uri"].tolist(), chans, size,
-                                                  cfg.eval_batch_size, dev) for r in (img_rows, val))
+            enc = lambda x: embed(base, bmeta, x, cfg.eval_batch_size, dev)  # noqa: E731
+            feats, val_feats = (backbone_features(run, bdir, enc, r["uri"].tolist(), chans, size) for r in (img_rows, val))
         fd = rows[is_feat]
         if "feature_model" in fd.columns:
             fd = fd[fd["feature_model"] == cfg.base]

