@@ -135,6 +135,8 @@ def main(argv=None) -> None:
     ap.add_argument("--small", default="bench/results/room_table.json", help="the small-images recipe's results")
     ap.add_argument("--out", default="bench/results/pretrained_table")
     ap.add_argument("--collect-only", action="store_true", help="tabulate finished run folders, run nothing")
+    ap.add_argument("--docs", action="store_true", help="also write the table into README.md and docs/findings.md "
+                    "(between their <!-- pretrained-table --> markers)")
     a = ap.parse_args(argv)
     res: dict = {}
     for ds in a.datasets:
@@ -152,6 +154,14 @@ def main(argv=None) -> None:
           "chosen on VAL per run (the count of runs per head in brackets).\n\n" + table(res, small, a))
     Path(a.out + ".md").write_text(md)
     Path(a.out + ".json").write_text(json.dumps(res, indent=1))
+    if a.docs:  # the table into README.md and docs/findings.md, between their pretrained-table markers
+        block = table(res, small, a).split("\n\nAppendix")[0].rstrip() + "\n"
+        for doc in ("README.md", "docs/findings.md"):
+            text = Path(doc).read_text()
+            head, mark, rest = text.partition("<!-- pretrained-table -->\n")
+            _, end, tail = rest.partition("<!-- /pretrained-table -->")
+            if mark and end:
+                Path(doc).write_text(head + mark + block + end + tail)
     print(md)
 
 
