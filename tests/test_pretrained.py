@@ -108,9 +108,14 @@ def test_fine_tune_loads_the_whole_backbone_and_records_its_inputs(digits_run_co
     assert meta["mean"] == [0.5] and meta["std"] == [0.5] and meta["input_size"] == 32  # grey digits: one channel
     assert pre["source"]["arch"] == "tf_efficientnet_lite0" and pre["source"]["name"] == "efficientnet-lite0"
     assert "294 of 294 backbone tensors loaded (by order), 2 of the file's 296 not used" in caplog.text
-    # the ImageNet stem, summed over RGB for grey inputs, is what the model starts from
+    # the ImageNet weights, the stem summed over RGB for grey inputs, are what the model starts from
+    from tailforge.train.models import create_model, load_pretrained
+
     ref, _, _ = full_model("efficientnet-lite0")
-    assert ref.conv_stem.weight.sum(1).abs().sum() > 0
+    grey = create_model("tf_efficientnet_lite0", 10, 1, 8, input_size=32)
+    load_pretrained(grey, "efficientnet-lite0")
+    torch.testing.assert_close(grey.backbone.conv_stem.weight, ref.conv_stem.weight.sum(1, keepdim=True))
+    torch.testing.assert_close(grey.backbone.conv_head.weight, ref.conv_head.weight)
 
 
 def test_tau_norm_equalises_class_weight_norms_and_is_chosen_on_val():
