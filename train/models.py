@@ -202,19 +202,11 @@ def pretrained_norm(path, chans: int) -> tuple[list[float], list[float]]:
 
 def pretrained_arch(path) -> str | None:
     """The architecture the weights at ``path`` (a timm folder's ``config.json``, or a registered name) are for."""
-    from .weights import PRETRAINED
+    from .weights import PRETRAINED, folder_config
 
     if str(path) in PRETRAINED:
         return PRETRAINED[str(path)]["arch"]
-    conf = Path(path) / "config.json"
-    if not conf.is_file():
-        return None
-    import json
-
-    try:
-        return json.loads(conf.read_text()).get("architecture")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return folder_config(Path(path)).get("architecture")
 
 
 def load_pretrained(model: Classifier, path) -> dict:

@@ -89,7 +89,7 @@ def resolve(spec) -> PretrainedSource:
                              + "; or pass a local weights file or folder (tailforge never downloads weights)")
     path = Path(s).expanduser()
     file = find_weights(path)
-    conf = _folder_config(path if path.is_dir() else path.parent)
+    conf = folder_config(path if path.is_dir() else path.parent)
     src = conf.get("pretrained_cfg", conf) if isinstance(conf, dict) else {}
     cfg = {}
     if len(src.get("mean") or ()) == 3 and len(src.get("std") or ()) == 3:
@@ -97,7 +97,8 @@ def resolve(spec) -> PretrainedSource:
     return PretrainedSource(s, file, conf.get("architecture") if isinstance(conf, dict) else None, cfg)
 
 
-def _folder_config(folder: Path) -> dict:
+def folder_config(folder: Path) -> dict:
+    """The ``config.json`` of a weights folder (timm's hub layout), or {} when absent or unreadable."""
     f = folder / "config.json"
     try:
         c = json.loads(f.read_text()) if f.is_file() else {}
