@@ -42,6 +42,14 @@ class CompareConfig(BaseModel):
     headroom_fit: Literal["power-span", "power", "log", "log-span", "scale", "quad"] = Field(
         "power-span", description="headroom: the learning curve's model (tailforge.eval.room; chosen on VAL: "
         "bench/results/room_table.md)")
+    headroom_signed: bool = Field(True, description="headroom: let the fitted exponent go below 0 (a curve whose "
+                                  "error rose with the data predicts a loss), so noise around a flat curve does not "
+                                  "lean the estimate up (chosen on VAL: bench/results/room_study.md)")
+    headroom_scale: float = Field(1.0, gt=0, description="headroom: the estimate's correction factor, fitted across "
+                                  "datasets on VAL (bench/results/room_study.md; Mahmood et al. 2022)")
+    headroom_spread: float = Field(1.6449, ge=0, description="headroom: the interval's half-width in bootstrap "
+                                   "standard errors, a split-conformal quantile fitted across datasets on VAL so the "
+                                   "90 % interval covers the exact room (bench/results/room_study.md)")
     bootstrap: int = Field(1000, ge=100, description="paired bootstrap replicates (test images re-drawn within each "
                            "class) behind the report's intervals")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="level of the report's intervals: a difference is "

@@ -154,12 +154,15 @@ def _smoothed_error(acc: np.ndarray, support: np.ndarray) -> np.ndarray:
     return ((1 - acc) * support + 0.5) / (support + 1)
 
 
-def fit_exponent(errors: dict[float, np.ndarray], topped: np.ndarray, support: np.ndarray, fit: str) -> float:
+def fit_exponent(errors: dict[float, np.ndarray], topped: np.ndarray, support: np.ndarray, fit: str,
+                 signed: bool = False) -> float:
     """Shared learning-curve parameter of the topped-up classes from their val error at each fraction.
 
     ``errors``: fraction -> per-class val error (1.0: the full real set). ``power``: the exponent b of
     ``e(f) = e(1) f^-b``; ``log``: the accuracy per e-fold of data, beta, of ``acc(f) = acc(1) + beta ln f``.
-    Least squares through the origin over the (class, fraction) points; never negative."""
+    Least squares through the origin over the (class, fraction) points; never negative unless ``signed`` (then a
+    curve whose error rose with the data predicts a loss, and noise around a flat curve averages out instead of
+    leaning up)."""
     full = errors[1.0][topped]
     xs, ys = [], []
     for f, e in errors.items():
@@ -178,7 +181,8 @@ def fit_exponent(errors: dict[float, np.ndarray], topped: np.ndarray, support: n
     x, y = x[ok], y[ok]
     if not len(x):
         return 0.0
-    return max(0.0, float((x * y).sum() / (x * x).sum()))
+    b = float((x * y).sum() / (x * x).sum())
+    return b if signed else max(0.0, b)
 
 
 def fit_scale(errors: dict[float, np.ndarray], topped: np.ndarray, support: np.ndarray,
@@ -225,9 +229,16 @@ def fit_quad(errors: dict[float, np.ndarray], topped: np.ndarray, support: np.nd
 
 def class_gains(err_full: np.ndarray, topped: np.ndarray, mult: np.ndarray, param, fit: str,
                 support: np.ndarray) -> np.ndarray:
-    """Predicted accuracy gain of every class (0 for classes not topped up) for data multipliers ``mult``."""
+    """Predicted accuracy gain of every class (0 for classes not topped up) for data multipliers ``mult``. A
+    negative power exponent or log slope (``signed`` fits) predicts a loss, at most the class's accuracy."""
     gain = np.zeros(len(err_full))
     e = err_full[topped]
+    if fit in ("power", "log") and param < 0:
+        m = np.maximum(mult[topped], 1.0)
+        es = _smoothed_error(1 - e, support[topped])
+        loss = es * (1 - m ** (-param)) if fit == "power" else param * np.log(m)
+        gain[topped] = np.maximum(loss, -(1 - e))
+        return gain
     m = np.maximum(mult[topped], 1.0)
     if fit == "scale":
         s0, s1, n = param
@@ -250,13 +261,20 @@ def class_gains(err_full: np.ndarray, topped: np.ndarray, mult: np.ndarray, para
 
 
 def estimate_room(y: np.ndarray, preds: dict[float, np.ndarray], train_counts, need, groups=None,
-                  fit: str = "power", b: int = 300, confidence: float = 0.9, seed: int = 0) -> dict:
+                  fit: str = "power", b: int = 300, confidence: float = 0.9, seed: int = 0,
+                  curve=None, names=None, signed: bool = False,
+                  calibration: tuple[float, float] | None = None) -> dict:
     """The room a perfect top-up to the plan's quota would give, from the val predictions of the recipe
     trained on the full real set (``preds[1.0]``) and with the topped-up classes thinned (``preds[f]``).
 
-    ``train_counts``: real train images per class; ``need``: the plan's images to add per class. Returns
-    points of balanced accuracy: ``room``, ``low``, ``high``, ``groups`` (per group and the rarest classes),
-    ``param`` (the fitted exponent or slope), the curve's balanced accuracy at each fraction, and the inputs."""
+    ``train_counts``: real train images per class; ``need``: the plan's images to add per class; ``curve``: the
+    classes the thinned models thinned (default: those with need > 0), whose learning curve the fit is made on.
+    ``calibration``: (scale, spread) fitted across datasets (bench/room_study.py): the room becomes scale x the
+    raw estimate, its interval ± spread x the raw estimate's bootstrap se (the raw numbers stay under ``raw``).
+    Returns points of balanced accuracy: ``room``, ``low``, ``high``, ``groups`` (per group and the rarest
+    classes), ``classes`` (each class's estimated gain with its interval, and what ``curve_gains`` needs to
+    price other quotas), ``param`` (the fitted exponent or slope), the curve's balanced accuracy at each
+    fraction, and the inputs."""
     if fit not in FITS:
         raise ValueError(f"unknown headroom fit '{fit}' (use {', '.join(FITS)})")
     fit_name = fit
@@ -266,6 +284,7 @@ def estimate_room(y: np.ndarray, preds: dict[float, np.ndarray], train_counts, n
     need = np.asarray(need, dtype=float)
     nc = len(counts)
     topped = np.flatnonzero(need > 0)
+    thinned = topped if curve is None else np.asarray(sorted(set(int(c) for c in curve)), dtype=np.int64)
     mult = (counts + need) / np.maximum(counts, 1)
     correct = {f: (np.asarray(p) == y).astype(np.float64) for f, p in preds.items()}
     point, boot = bootstrap_class_acc(y, correct, nc, b, seed)
@@ -275,11 +294,11 @@ def estimate_room(y: np.ndarray, preds: dict[float, np.ndarray], train_counts, n
     def one(acc: dict[float, np.ndarray]) -> tuple[float, np.ndarray]:
         err = {f: 1 - np.nan_to_num(a, nan=1.0) for f, a in acc.items()}
         if fit == "scale":
-            param = (*fit_scale(err, topped, support, counts), counts)
+            param = (*fit_scale(err, thinned, support, counts), counts)
         elif fit == "quad":
-            param = fit_quad(err, topped, support)
+            param = fit_quad(err, thinned, support)
         else:
-            param = fit_exponent(err, topped, support, fit)
+            param = fit_exponent(err, thinned, support, fit, signed)
         return param, class_gains(err[1.0], topped, mult, param, fit, support)
 
     if fit.endswith("-span"):
@@ -288,20 +307,63 @@ def estimate_room(y: np.ndarray, preds: dict[float, np.ndarray], train_counts, n
     param, gains = one(point)
     boots = np.stack([one({f: boot[f][i] for f in boot})[1] for i in range(b)])
     present = support > 0
-    out = {"fit": fit_name,
+    out = {"fit": fit_name, "signed": signed,
            "param": [float(x) for x in param[:2]] if isinstance(param, tuple) else param, "confidence": confidence, "fractions": sorted(preds, reverse=True),
            "curve_balanced_acc": {str(f): float(100 * np.nanmean(point[f])) for f in sorted(preds, reverse=True)},
            "topped_classes": topped.tolist(), "multiplier": mult.round(4).tolist(), "groups": {}}
+    z = 1.6449  # the se behind a calibrated interval: the raw 90 % bootstrap interval's width / (2 z)
+
+    def calibrated(v: float, lo: float, hi: float) -> dict:
+        if calibration is None:
+            return {"room": float(v), "low": lo, "high": hi}
+        k, q = calibration
+        se = (hi - lo) / (2 * z)
+        return {"room": float(k * v), "low": float(k * v - q * se), "high": float(k * v + q * se),
+                "raw": {"room": float(v), "low": lo, "high": hi}}
+
+    if calibration is not None:
+        out["calibration"] = {"scale": calibration[0], "spread": calibration[1]}
     for name, idx in sets.items():
         idx = idx[present[idx]]
         v = 100 * gains[idx].mean() if len(idx) else float("nan")
         lo, hi = interval(100 * boots[:, idx].mean(1), confidence) if len(idx) else (float("nan"),) * 2
-        entry = {"room": float(v), "low": lo, "high": hi}
+        entry = calibrated(v, lo, hi)
         if name == "balanced":
             out.update(entry)
         else:
             out["groups"][name] = entry
+    err_full = 1 - np.nan_to_num(point[1.0], nan=1.0)
+    names = names or [str(c) for c in range(nc)]
+    out["classes"] = []
+    for c in range(nc):
+        lo, hi = interval(100 * boots[:, c], confidence) if present[c] else (float("nan"),) * 2
+        cal = calibrated(100 * gains[c], lo, hi)
+        out["classes"].append({"label": c, "name": str(names[c]), "have": int(counts[c]), "need": int(need[c]),
+                               "curve": bool(c in set(thinned.tolist())), "val_images": int(support[c]),
+                               "val_error": float(err_full[c]), "gain": cal["room"], "low": cal["low"],
+                               "high": cal["high"]})
     return out
+
+
+def curve_gains(headroom: dict, add) -> np.ndarray:
+    """Estimated accuracy gain of each class (a fraction, not points) if ``add[c]`` images were added to it, from
+    a headroom result (``estimate_room`` / eval/headroom.json): its fit, fitted parameter and each class's val
+    error on the full real set. Classes off the learning curve gain 0. The span cap of the ``-span`` fits is NOT
+    applied: pricing a quota is extrapolation by definition, and the planner caps quotas itself."""
+    cls = headroom["classes"]
+    add = np.asarray(add, dtype=float)
+    counts = np.array([c["have"] for c in cls], dtype=float)
+    err = np.array([c["val_error"] for c in cls], dtype=float)
+    support = np.array([c["val_images"] for c in cls], dtype=float)
+    on = np.array([c["curve"] for c in cls], dtype=bool) & (add > 0)
+    fit = headroom["fit"].removesuffix("-span")
+    param = headroom["param"]
+    if fit == "scale":
+        param = (param[0], param[1], counts)
+    elif fit == "quad":
+        param = tuple(param)
+    mult = (counts + add) / np.maximum(counts, 1)
+    return class_gains(err, np.flatnonzero(on), mult, param, fit, support)
 
 
 # --------------------------------------------------------------------------- the report's leading section
@@ -403,6 +465,9 @@ def room_report(run, split: str, control: str, treated: str | None, oracle: str 
                   + " Checked against the exact room on four datasets (bench/results/room_table.md), it came "
                   "within 0.5 points where there was room and about 0.85 too high where there was none: "
                   "an estimate under about +1 can mean nothing to gain."]
+        per = per_class_lines(hr, ev[control], ev[o] if o else None, split)
+        lines += per["lines"]
+        res["per_class"] = {k: v for k, v in per.items() if k != "lines"}
     lines += ["", f"_Intervals: {b} paired bootstrap draws of the {split} images within each class. They hold the "
               "sampling noise of the evaluated images, not the seed-to-seed spread of training "
               "(bench/room_table.py reports that over seeds)._"]
@@ -410,7 +475,46 @@ def room_report(run, split: str, control: str, treated: str | None, oracle: str 
     return res
 
 
-def write_headroom(run, points: dict[float, str], fit: str = "power", b: int = 300, confidence: float = 0.9) -> dict:
+def per_class_rank(hr: dict, control_eval: dict, oracle_eval: dict) -> dict:
+    """Estimated per-class gains (headroom, VAL) against the oracle arm's per-class gains on the evaluated split,
+    over the classes the plan tops up: Spearman's rank correlation and the number of classes."""
+    import pandas as pd
+
+    cls = [c for c in hr.get("classes", []) if c["need"] > 0]
+    pc = lambda e: np.array([np.nan if x is None else x for x in e["per_class"]], dtype=float)  # noqa: E731
+    exact = 100 * (pc(oracle_eval) - pc(control_eval))
+    est = np.array([c["gain"] for c in cls])
+    ex = np.array([exact[c["label"]] for c in cls])
+    ok = np.isfinite(ex) & np.isfinite(est)
+    rho = float(pd.Series(est[ok]).corr(pd.Series(ex[ok]), method="spearman")) \
+        if ok.sum() >= 3 and np.ptp(est[ok]) > 0 and np.ptp(ex[ok]) > 0 else float("nan")
+    return {"spearman": rho, "classes": int(ok.sum()), "estimated": est.tolist(), "exact": ex.tolist(),
+            "labels": [c["label"] for c in cls]}
+
+
+def per_class_lines(hr: dict, control_eval: dict, oracle_eval: dict | None, split: str, k: int = 3) -> dict:
+    """The report's per-class room: the classes with the most and the least estimated room (headroom's per-class
+    gains, VAL) and, with an oracle arm, how well they rank the exact per-class gains on ``split``."""
+    cls = [c for c in hr.get("classes", []) if c["need"] > 0]
+    if not cls:
+        return {"lines": []}
+    order = sorted(cls, key=lambda c: -c["gain"])
+    fmt = lambda c: f"{c['name']} {c['gain']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]"  # noqa: E731
+    lines = ["", f"**Estimated room per class** ({len(cls)} topped-up classes, points of the class's own accuracy, "
+             f"eval/headroom.json): most in {'; '.join(fmt(c) for c in order[:k])}; least in "
+             f"{'; '.join(fmt(c) for c in order[::-1][:k])}."]
+    out = {}
+    if oracle_eval is not None:
+        out = per_class_rank(hr, control_eval, oracle_eval)
+        if np.isfinite(out["spearman"]):
+            lines[-1] += (f" Against the oracle arm's per-class gains on the {split} split: Spearman "
+                          f"{out['spearman']:+.2f} over {out['classes']} classes.")
+    out["lines"] = lines
+    return out
+
+
+def write_headroom(run, points: dict[float, str], fit: str = "power", b: int = 300, confidence: float = 0.9,
+                   signed: bool = False, calibration: tuple[float, float] | None = None) -> dict:
     """``tailforge headroom``'s output: ``estimate_room`` on the VAL predictions of ``points`` (fraction -> model
     name, 1.0 the real-only recipe), the plan's need and the real train counts; written to eval/headroom.json."""
     from tailforge.data import ClassStats, TailforgeError
@@ -434,7 +538,9 @@ def write_headroom(run, points: dict[float, str], fit: str = "power", b: int = 3
     if not (need > 0).any():
         raise TailforgeError("the plan tops up no class, so there is no room to estimate",
                              "plan a top-up first (`tailforge plan --run RUN --target balance`)")
-    res = estimate_room(y, preds, counts, need, stats.groups, fit=fit, b=b, confidence=confidence)
+    res = estimate_room(y, preds, counts, need, stats.groups, fit=fit, b=b, confidence=confidence,
+                        curve=plan.get("curve_classes"), names=stats.class_names, signed=signed,
+                        calibration=calibration)
     res.update({"split": "val", "models": {str(f): n for f, n in points.items()},
                 "note": "estimated from the real train and val splits alone: no held-back image is used"})
     write_json(run.eval_dir / "headroom.json", res)

@@ -26,7 +26,64 @@ def run(args) -> int:
 
     cfg = stage_config(args, PlanConfig, "plan")
     r = RunDir(args.run)
+    if cfg.target == "room" and not has_curve(r, cfg):
+        return measure_then_plan(r, cfg)
     print_plan(plan_run(r, cfg), r)
+    return 0
+
+
+def has_curve(run, cfg) -> bool:
+    """Whether eval/headroom.json holds a learning curve for every class a room plan may top up."""
+    import numpy as np
+
+    from tailforge.data import ClassStats, read_json
+    from tailforge.gen.planner import check_headroom, plan
+
+    path = run.eval_dir / "headroom.json"
+    if not path.exists():
+        return False
+    caps = plan(ClassStats.load(run), cfg.model_copy(update={"target": "balance", "budget": None}))
+    try:
+        check_headroom(read_json(path), np.array([q.need for q in caps.classes]))
+    except Exception:
+        return False
+    return True
+
+
+def measure_then_plan(run, cfg) -> int:
+    """A room plan with no learning curve yet: the run's recipe (config.yaml) measures it first (`tailforge
+    headroom`'s flow: the real-only recipe and its thinned points), then plans."""
+    import time
+    from pathlib import Path
+
+    from tailforge.data import TailforgeError
+    from tailforge.data.lock import run_lock
+
+    from .config import load_config
+
+    conf = Path(run.root) / "config.yaml"
+    if not conf.is_file():
+        raise TailforgeError(f"plan target 'room' needs each class's learning curve, and run folder {run.root} has "
+                             "neither eval/headroom.json nor a config.yaml to measure it with",
+                             f"run `tailforge headroom --run {run.root} --config YAML --set plan.target=room --set "
+                             f"plan.budget={cfg.budget}` (or `tailforge run` with them)")
+    full = load_config(conf, {"run": str(run.root), "plan": cfg.model_dump(mode="json")})
+    console().print("plan target room: no learning curve in eval/headroom.json yet, so measuring it first "
+                    "(the recipe with the classes below the largest thinned; `tailforge headroom`) ...")
+    with run_lock(full.run, create=True, command="tailforge plan"):
+        from . import prefect_env
+
+        prefect_env()
+        from .flows import run_flow
+        from .guard import quiet_user_errors
+
+        quiet_user_errors()
+        t0 = time.perf_counter()
+        run_flow(full, "headroom")
+        console().print(f"learning curve measured in {time.perf_counter() - t0:.0f} s")
+    from tailforge.gen import Plan
+
+    print_plan(Plan.load(run), run)
     return 0
 
 
@@ -48,6 +105,8 @@ def print_plan(plan, run) -> None:
         t.add_row(str(q.label), short_name(q.class_name, 40), str(q.have), str(q.target), str(q.need), str(q.generate))
     con.print(t)
     con.print(f"total to generate: {plan.total:,}; wrote {run.plan}")
+    if plan.note:
+        con.print(plan.note)
     if plan.total == 0:  # e.g. --classes many, or a fixed count below every class: later stages would do nothing
         con.print("[yellow]note:[/] nothing to generate: every selected class already has its target "
                   "(choose other --classes, a higher --count, or --target balance)")

@@ -286,11 +286,13 @@ class RunConfig(BaseModel):
         return self.arm_trainings(self.oracle, self.recipe.synthetic, "oracle", "oracle")
 
     def headroom_trainings(self, fraction: float) -> list[tuple[str, BaseModel]]:
-        """One point of headroom's learning curve: the real-only arm (its backbone, then the recipe) with the
-        plan's topped-up classes thinned to ``fraction`` of their real train images, at the same steps."""
+        """One point of headroom's learning curve: the real-only arm with the plan's topped-up classes thinned to
+        ``fraction`` of their real train images, at the same steps. It re-trains exactly what the oracle arm
+        re-trains: its own backbone and the recipe where the oracle has its own backbone (recipe.backbone_sampler),
+        else the recipe alone on the real-only arm's backbone (a head-level oracle: the pretrained recipe)."""
         tag = f"headroom-f{round(100 * fraction):02d}"
         recipe = _with(self.real_only_train(), tail_fraction=fraction)
-        if self.recipe.stage != "crt":
+        if self.recipe.stage != "crt" or not self.own_backbone(self.recipe.synthetic, "oracle"):
             return [(tag, recipe)]
         bb = f"{tag}-backbone"
         base = self.backbone_train() if self.crt_base != self.baseline else self.baseline_train()

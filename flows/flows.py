@@ -108,11 +108,9 @@ def _rebalance_steps(cfg: RunConfig) -> dict:
     logger = get_run_logger()
     logger.info("run folder %s (config.yaml written)", Path(run).resolve())
     call(measure_task, run, cfg.data, cfg.measure)
-    plan = call(plan_task, run, cfg.plan)
+    plan = _plan_steps(cfg)
     # the real-only classifier first: the filter's default embedder and featdict's feature space
-    call(train_task, run, cfg.baseline_train(), cfg.baseline)
-    if cfg.crt_base != cfg.baseline:  # the recipe's own backbone (recipe.backbone_sampler)
-        call(train_task, run, cfg.backbone_train(), cfg.crt_base)
+    _base_steps(cfg)
     cfg = _choose_head_steps(cfg)
     n = _generate_steps(run, cfg.generate, cfg.runner) if plan["total"] > 0 else 0
     logger.info("%d candidates", n)
@@ -125,6 +123,29 @@ def _rebalance_steps(cfg: RunConfig) -> dict:
     metrics = call(evaluate_task, run, cfg.rebalanced, cfg.eval_split, cfg.evaluate)
     return {"run": str(Path(run).resolve()), "candidates": n, "filter": summary, "metrics": {cfg.rebalanced: metrics},
             "config": cfg}
+
+
+def _base_steps(cfg: RunConfig) -> None:
+    """The baseline and, with recipe.backbone_sampler, the recipe's own backbone (both on real data)."""
+    call(train_task, cfg.run, cfg.baseline_train(), cfg.baseline)
+    if cfg.crt_base != cfg.baseline:
+        call(train_task, cfg.run, cfg.backbone_train(), cfg.crt_base)
+
+
+def _plan_steps(cfg: RunConfig) -> dict:
+    """plan.json. Target ``room`` prices quotas with each class's learning curve, so it measures the curve first:
+    a uniform plan of the same budget (it names the classes below the largest, which headroom thins), the
+    real-only recipe and its thinned points (eval/headroom.json), then the room plan from them."""
+    if cfg.plan.target != "room":
+        return call(plan_task, cfg.run, cfg.plan)
+    call(plan_task, cfg.run, cfg.plan.model_copy(update={"target": "uniform"}))
+    _base_steps(cfg)
+    hcfg = _choose_head_steps(cfg)
+    call(train_task, cfg.run, hcfg.real_only_train(), hcfg.real_only)
+    _headroom_steps(hcfg)
+    plan = call(plan_task, cfg.run, cfg.plan)
+    get_run_logger().info("%s", plan.get("note", ""))
+    return plan
 
 
 def _choose_head_steps(cfg: RunConfig) -> RunConfig:
@@ -312,7 +333,7 @@ def headroom_flow(config: RunConfig = DEFAULT_CONFIG) -> dict:
         write_config(cfg)
         run = cfg.run
         call(measure_task, run, cfg.data, cfg.measure)
-        call(plan_task, run, cfg.plan)
+        _plan_steps(cfg)
         if cfg.recipe.stage == "crt":
             call(train_task, run, cfg.baseline_train() if cfg.crt_base == cfg.baseline else cfg.backbone_train(),
                  cfg.crt_base)

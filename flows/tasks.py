@@ -579,8 +579,9 @@ def headroom_task(run: str, points: dict, compare_cfg) -> dict:
                        [_file_key(r.eval_dir / f"{n}-val-pred.npy") for n in points.values()], _file_key(r.plan))
     if is_done(r, "headroom", key, [out]):
         return cached("headroom", r, read_json(out))
-    res = write_headroom(r, {float(f): n for f, n in points.items()}, compare_cfg.headroom_fit,
-                         confidence=0.9)
+    res = write_headroom(r, {float(f): n for f, n in points.items()}, compare_cfg.headroom_fit, confidence=0.9,
+                         signed=compare_cfg.headroom_signed,
+                         calibration=(compare_cfg.headroom_scale, compare_cfg.headroom_spread))
     mark_done(r, "headroom", key)
     rows = [{"set": "balanced accuracy", "room": round(res["room"], 2), "low": round(res["low"], 2),
              "high": round(res["high"], 2)}]

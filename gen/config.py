@@ -16,14 +16,18 @@ class PlanConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    target: Literal["balance", "fixed", "sqrt"] = Field(
+    target: Literal["balance", "fixed", "sqrt", "room", "uniform"] = Field(
         "balance", description="per-class target: balance (every class up to the largest), fixed (`count` per "
-        "class), sqrt (sqrt(n_c * n_max): the imbalance factor becomes its square root)")
+        "class), sqrt (sqrt(n_c * n_max): the imbalance factor becomes its square root); with a `budget`: room "
+        "(the budget goes where the estimated room is: each class's learning curve from `tailforge headroom`, "
+        "quotas by the largest estimated marginal gain, no class above the largest) or uniform (the same number "
+        "for every class below the largest)")
     count: Union[int, None] = Field(None, ge=1, description="target 'fixed': train images per class to reach")
     overgen: float = Field(1.5, ge=1.0, description="over-generation factor: generate ceil(need * overgen) so "
                            "the filter can reject the bad ones")
     budget: Union[int, None] = Field(None, description="cap on the total number of samples to generate; "
-                                     "quotas shrink in proportion to need")
+                                     "quotas shrink in proportion to need (targets room and uniform: the total "
+                                     "they split)")
     classes: Union[list[Union[str, int]], None] = Field(
         None, description="which classes to top up: class names, ids, or groups (few, medium, many); "
         "default: every class below its target")
@@ -44,6 +48,8 @@ class PlanConfig(BaseModel):
     def _count_for_fixed(self) -> "PlanConfig":
         if self.target == "fixed" and self.count is None:
             raise ValueError("target 'fixed' needs `count` (train images per class to reach)")
+        if self.target in ("room", "uniform") and self.budget is None:
+            raise ValueError(f"target '{self.target}' splits a total: set `budget` (samples to generate in all)")
         return self
 
 

@@ -183,6 +183,25 @@ def test_benchmark_end_to_end_writes_run_folder_and_artifacts(finished):
     assert all(s == "Completed" for s in tasks.values()), tasks
 
 
+def test_room_plan_measures_the_learning_curve_then_splits_the_budget_by_it(harness, tmp_path):
+    """plan.target room: the flow measures each class's learning curve first (headroom's thinned recipe), then
+    splits exactly the budget over the classes below the largest, and says how in one line."""
+    from tailforge.data import read_json
+
+    cfg = tiny_config(tmp_path / "room", plan={"target": "room", "budget": 60})
+    state = run_benchmark(cfg, "rebalance")
+    assert state.is_completed(), state.message
+    plan = read_json(Path(cfg.run) / "plan.json")
+    hr = read_json(Path(cfg.run) / "eval" / "headroom.json")
+    counts = [q["have"] for q in plan["classes"]]
+    assert plan["target"] == "room" and plan["total"] == 60
+    assert plan["curve_classes"] == [i for i, n in enumerate(counts) if n < max(counts)]
+    assert all(q["have"] + q["need"] <= max(counts) for q in plan["classes"])
+    assert "room plan:" in plan["note"] and "\n" not in plan["note"]
+    assert [c["curve"] for c in hr["classes"]] == [n < max(counts) for n in counts]
+    assert (Path(cfg.run) / "models" / "headroom-f50" / "model.safetensors").exists()
+
+
 def test_second_run_is_served_from_the_run_folder(finished):
     cfg, first = finished
     run = Path(cfg.run)

@@ -47,10 +47,16 @@ def test_budget_cap_sums_exactly_and_keeps_proportions():
     gen = [q.generate for q in p.classes]
     assert sum(gen) == p.total == 100
     assert gen[0] == 0 and gen[1] < gen[2] < gen[3]
-    for q in p.classes[1:]:
-        assert abs(q.generate - q.need * 100 / 223) < 1
+    full = plan(stats_of(COUNTS), PlanConfig(overgen=1.0))
+    for q, f in zip(p.classes[1:], full.classes[1:]):
+        assert abs(q.generate - f.need * 100 / 223) < 1 and q.need == q.generate
     big = plan(stats_of(COUNTS), PlanConfig(overgen=1.0, budget=10_000))  # a loose cap changes nothing
     assert big.total == 223
+    # what the filter keeps shrinks with the cap, so balance, uniform and room at one budget add the same
+    cap = plan(stats_of(COUNTS), PlanConfig(overgen=1.5, budget=150))
+    assert [q.need for q in cap.classes] == [math.ceil(q.generate / 1.5) for q in cap.classes]
+    even = plan(stats_of(COUNTS), PlanConfig(target="uniform", overgen=1.5, budget=150))
+    assert abs(sum(q.need for q in cap.classes) - sum(q.need for q in even.classes)) <= 3
 
 
 def test_class_selection_by_name_id_and_group():
@@ -185,3 +191,71 @@ def test_plan_cli_writes_plan_json_and_rejects_bad_input(digits_run_copy, capsys
     assert main(["plan", "--run", str(run.root), "--classes", "many"]) == 0  # the head class needs nothing
     out = " ".join(capsys.readouterr().out.split())
     assert read_json(run.plan)["total"] == 0 and "note: nothing to generate" in out
+
+
+# --------------------------------------------------------------------------- budget splits: uniform and room
+
+def headroom_of(counts, err, b=0.5, fit="power-span"):
+    """A headroom result (eval/headroom.json's shape) with a known learning curve: class c's val error err[c]
+    falls as (n / n_c)^-b; every class below the largest is on the curve."""
+    top = max(counts)
+    return {"fit": fit, "param": b, "classes": [
+        {"label": i, "name": f"k{i}", "have": n, "need": top - n, "curve": n < top, "val_images": 1000,
+         "val_error": e, "gain": 0.0, "low": 0.0, "high": 0.0} for i, (n, e) in enumerate(zip(counts, err))]}
+
+
+def test_uniform_and_room_split_exactly_the_budget_and_never_pass_the_largest():
+    s = stats_of(COUNTS)
+    u = plan(s, PlanConfig(target="uniform", budget=90, overgen=1.0))
+    assert [q.need for q in u.classes] == [0, 30, 30, 30] and u.total == 90
+    assert u.curve_classes == [1, 2, 3] and "split evenly" in u.note
+    hr = headroom_of(COUNTS, [0.0, 0.1, 0.1, 0.1])
+    r = plan(s, PlanConfig(target="room", budget=150, overgen=1.5), hr)
+    assert r.total == 150 and sum(q.need for q in r.classes) == 100
+    assert all(q.have + q.need <= 100 for q in r.classes) and r.classes[0].need == 0
+    big = plan(s, PlanConfig(target="room", budget=10_000, overgen=1.0), hr)  # more than balance asks: balance
+    assert [q.need for q in big.classes] == [0, 50, 80, 93]
+
+
+def test_room_quotas_go_where_the_estimated_marginal_gain_is():
+    from tailforge.eval.room import curve_gains
+    from tailforge.gen.planner import room_quotas
+
+    counts = [100, 20, 20, 20]
+    caps = np.array([0, 80, 80, 80])
+    # same size, different error: the class with the most error to lose gets the most, the error-free none
+    hr = headroom_of(counts, [0.0, 0.30, 0.10, 0.0])
+    q = room_quotas(60, caps, hr)
+    assert q.sum() == 60 and q[1] > q[2] > 0 and q[3] == 0
+    # water-filling: at the optimum the marginal gains of the classes that got some are (nearly) equal ...
+    eps = 1
+
+    def marginal(c):
+        a = q.astype(float).copy()
+        lo = curve_gains(hr, a)[c]
+        a[c] += eps
+        return curve_gains(hr, a)[c] - lo
+    assert marginal(1) == pytest.approx(marginal(2), rel=0.15)
+    # ... and no other split of the same total gains more in sum
+    best = curve_gains(hr, q).sum()
+    for alt in ([0, 30, 30, 0], [0, 60, 0, 0], [0, 20, 20, 20], [0, 45, 15, 0]):
+        assert curve_gains(hr, np.array(alt, float)).sum() <= best + 1e-9
+    # equal curves: smaller classes gain more per image (the power law), so they come first
+    hr2 = headroom_of([100, 10, 40, 70], [0.0, 0.2, 0.2, 0.2])
+    q2 = room_quotas(40, np.array([0, 90, 60, 30]), hr2)
+    assert q2[1] > q2[2] > q2[3]
+    # no estimated room anywhere: the split follows the distance to the largest class
+    q3 = room_quotas(60, np.array([0, 80, 40, 20]), headroom_of([100, 20, 60, 80], [0.0] * 4))
+    assert q3.sum() == 60 and q3[1] >= q3[2] >= q3[3]
+
+
+def test_room_plan_without_a_learning_curve_or_a_budget_fails_clearly():
+    s = stats_of(COUNTS)
+    with pytest.raises(ValidationError, match="set `budget`"):
+        PlanConfig(target="room")
+    with pytest.raises(TailforgeError, match="needs each class's learning curve"):
+        plan(s, PlanConfig(target="room", budget=50))
+    hr = headroom_of(COUNTS, [0.0, 0.1, 0.1, 0.1])
+    hr["classes"][3]["curve"] = False
+    with pytest.raises(TailforgeError, match="no learning curve for 1 class"):
+        plan(s, PlanConfig(target="room", budget=50), hr)

@@ -82,6 +82,13 @@ def test_oracle_and_headroom_arms_take_the_recipe_and_budget_of_the_other_arms()
     ro = cfg.real_only_train()
     assert {k: v for k, v in h[1].model_dump().items() if k not in ("tail_fraction", "base")} == \
         {k: v for k, v in ro.model_dump().items() if k not in ("tail_fraction", "base")}
+    # a head-level oracle (the pretrained recipe: no backbone of its own) gets head-level learning-curve points:
+    # the thinned heads sit on the real-only arm's backbone, as the oracle's head does
+    pre = load_config("flows/recipes/pretrained.yaml")
+    (name, o), = pre.oracle_trainings()
+    (tag, h), = pre.headroom_trainings(0.5)
+    assert tag == "headroom-f50" and h.base == o.base == pre.real_only_train().base == pre.crt_base
+    assert h.tail_fraction == 0.5
 
 
 def test_tail_fraction_thins_the_topped_up_classes_at_the_same_steps(digits_run_copy, one_torch_thread):
@@ -149,6 +156,65 @@ def test_estimate_room_recovers_a_known_learning_curve(fit):
         assert res["room"] == pytest.approx(truth, abs=1.0)
     assert res["low"] <= res["room"] <= res["high"] and res["room"] > 0
     assert res["groups"]["rarest"]["room"] > res["room"]  # the rarest classes gain most
+
+
+def test_signed_fit_has_no_upward_lean_on_a_flat_curve_and_calibration_scales_and_widens():
+    """No class gains from more data (the thinned models are as good): the clipped exponent can only lean up,
+    the signed one averages out around 0, and its interval can reach below 0."""
+    counts = np.array([400, 50, 50, 50, 50, 50, 50])
+    need = counts.max() - counts
+    n_val = 60
+    y = np.repeat(np.arange(len(counts)), n_val)
+    clipped, signed = [], []
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+
+        def preds():
+            wrong = rng.random(len(y)) < 0.2
+            return np.where(wrong, (y + 1) % len(counts), y)
+
+        p = {1.0: preds(), 0.5: preds()}
+        clipped.append(estimate_room(y, p, counts, need, fit="power-span", b=40)["room"])
+        e = estimate_room(y, p, counts, need, fit="power-span", b=40, signed=True)
+        signed.append(e["room"])
+        assert e["low"] <= e["room"] <= e["high"]
+    assert min(clipped) >= 0 and np.mean(clipped) > 0.3
+    assert min(signed) < 0 < max(signed) and abs(np.mean(signed)) < np.mean(clipped) / 2
+    cal = estimate_room(y, p, counts, need, fit="power-span", b=40, signed=True, calibration=(0.5, 3.0))
+    raw = cal["raw"]
+    assert cal["room"] == pytest.approx(0.5 * raw["room"])
+    half = (cal["high"] - cal["low"]) / 2
+    assert half == pytest.approx(3.0 * (raw["high"] - raw["low"]) / (2 * 1.6449))
+    assert cal["calibration"] == {"scale": 0.5, "spread": 3.0}
+
+
+def test_per_class_gains_rank_the_classes_and_price_other_quotas():
+    """Known power-law curves, classes of one size with different errors: the per-class estimates rank them by
+    their true gains, and curve_gains prices the plan's quota as the estimate did."""
+    from tailforge.eval.room import curve_gains, per_class_rank
+
+    rng = np.random.default_rng(3)
+    counts = np.array([500, 50, 50, 50, 50, 50])
+    need = counts.max() - counts
+    e1 = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.4])
+    y = np.repeat(np.arange(6), 3000)
+
+    def preds(f):
+        err = np.where(need > 0, e1 * f ** -0.5, e1)
+        return np.where(rng.random(len(y)) < err[y], (y + 1) % 6, y)
+
+    res = estimate_room(y, {1.0: preds(1.0), 0.5: preds(0.5)}, counts, need, fit="power", b=30,
+                        names=[f"c{i}" for i in range(6)])
+    cls = res["classes"]
+    assert [c["name"] for c in cls] == [f"c{i}" for i in range(6)] and not cls[0]["curve"] and cls[0]["gain"] == 0
+    gains = [c["gain"] for c in cls[1:]]
+    assert gains == sorted(gains) and all(c["low"] <= c["gain"] <= c["high"] for c in cls)
+    assert np.allclose(100 * curve_gains(res, need), [c["gain"] for c in cls], atol=1e-6)
+    m = (counts + need) / counts
+    truth = 100 * e1 * (1 - m ** -0.5)
+    ev = lambda acc: {"per_class": list(acc)}  # noqa: E731
+    rank = per_class_rank(res, ev(1 - e1), ev(1 - e1 + truth / 100))
+    assert rank["spearman"] == pytest.approx(1.0) and rank["classes"] == 5
 
 
 def test_no_oracle_arm_says_why_in_one_line(tmp_path):

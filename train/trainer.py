@@ -66,9 +66,12 @@ def training_table(run: RunDir, cfg: TrainConfig) -> pd.DataFrame:
 
 
 def topped_classes(run: RunDir, real_counts: np.ndarray) -> np.ndarray:
-    """Class ids the run's plan tops up (need > 0); without a plan, every class below the largest."""
+    """Class ids the run's plan tops up (need > 0), or a room / uniform plan chose among (its curve_classes:
+    headroom's curve stays the same whatever the split); without a plan, every class below the largest."""
     if run.plan.exists():
         plan = read_json(run.plan)
+        if plan.get("curve_classes"):
+            return np.array(sorted(int(c) for c in plan["curve_classes"]), dtype=np.int64)
         return np.array(sorted(int(q["label"]) for q in plan["classes"] if int(q["need"]) > 0), dtype=np.int64)
     return np.flatnonzero(real_counts < real_counts.max())
 

@@ -1,0 +1,255 @@
+"""The room estimate checked across datasets: its lean, its interval's coverage, per-class ranking.
+
+For every run folder that has the real-only arm, the oracle arm and headroom's learning-curve models, the
+product's estimator (``tailforge.eval.room.estimate_room``) is re-computed from the stored VAL predictions for
+each candidate (fit, learning-curve points, clipped or signed exponent) and set against the exact room
+(oracle - real-only) on VAL and on TEST. Candidates are ranked on VAL only; TEST is reported.
+
+A candidate's raw estimate is then calibrated across datasets, leave-one-dataset-out (the held-out dataset's
+runs never see their own numbers):
+
+* ``scale``: least squares through the origin of the exact VAL room on the raw estimate (Mahmood et al.,
+  CVPR 2022, fit a correction factor to power-law data-need estimates for the same upward lean);
+* ``spread``: the 90 % quantile of |exact VAL room - scale x estimate| / se over the other datasets' runs, se
+  the estimate's own bootstrap standard error (a studentized split-conformal interval: it holds the
+  seed-to-seed and evaluation noise of the exact room, which the bootstrap over val images does not).
+
+Sources of runs (each dataset x seed):
+  pretrained/<ds>   runs/pretrained/<ds>-s<seed> from bench/pretrained_table.py (head-level oracle; this script
+                    runs `tailforge headroom` there with fractions 0.5 and 0.25, seconds each, and evaluates the
+                    oracle on VAL)
+  digits<IF>        runs/room-study/digits<IF>-s<seed>: the default (small-images) recipe on scikit-learn's
+                    digits, `tailforge run --set compare.headroom=true`, made here
+  small/<ds>        bench/results/room_table.json (bench/room_table.py: the small-images recipe on four
+                    datasets): VAL and TEST exact room and the default estimate only (the runs are not kept)
+
+    python bench/room_study.py                  # collect (and make what is missing), write the tables
+
+Results: bench/results/room_study.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tailforge.data import ClassStats, RunDir, read_json
+from tailforge.eval.evaluate import load_pred
+from tailforge.eval.room import estimate_room, per_class_rank
+
+CANDIDATES = {  # name -> (fit, fractions, signed)
+    "power-span@0.5": ("power-span", (0.5,), False),
+    "power-span@0.5 signed": ("power-span", (0.5,), True),
+    "power-span@0.5,0.25 signed": ("power-span", (0.5, 0.25), True),
+    "log-span@0.5": ("log-span", (0.5,), False),
+    "log-span@0.5 signed": ("log-span", (0.5,), True),
+}
+Z90 = 1.6449
+
+
+def tf(*args, log=None) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(log, "a") if log else open(os.devnull, "w") as fh:
+        subprocess.run([sys.executable, "-m", "tailforge.flows.cli", *args], check=True, stdout=fh,
+                       stderr=subprocess.STDOUT, env=env)
+
+
+def balanced(y, p, c) -> float:
+    return 100 * float(np.nanmean([(p[y == k] == k).mean() if (y == k).any() else np.nan for k in range(c)]))
+
+
+def make_pretrained(run: Path) -> None:
+    r = RunDir(run)
+    if not (r.model_dir("headroom-f25") / "model.safetensors").exists() or \
+            load_pred(r, "headroom-f25", "val") is None:
+        tf("headroom", "--run", str(run), "--set", "compare.headroom_fractions=[0.5,0.25]", log=f"{run}.study.log")
+    if load_pred(r, "oracle", "val") is None:
+        tf("eval", "--run", str(run), "--model-name", "oracle", "--split", "val", "--no-plots", log=f"{run}.study.log")
+
+
+def make_digits(run: Path, imbalance: int, seed: int) -> None:
+    r = RunDir(run)
+    if not (r.eval_dir / "report.md").exists():
+        run.parent.mkdir(parents=True, exist_ok=True)
+        tf("run", "--wait", "--run", str(run), "--set", f"data.imbalance={imbalance}", "--set", f"data.seed={seed}",
+           "--set", f"train.seed={seed}", "--set", f"generate.seed={seed}", "--set", "compare.headroom=true",
+           "--set", "compare.headroom_fractions=[0.5,0.25]", "--set", "evaluate.plots=false", log=f"{run}.log")
+    if load_pred(r, "oracle", "val") is None:
+        tf("eval", "--run", str(run), "--model-name", "oracle", "--split", "val", "--no-plots", log=f"{run}.log")
+
+
+def collect(run: Path) -> dict:
+    """Every candidate's VAL estimate of one run, the exact room on VAL and TEST, per-class ranks."""
+    r = RunDir(run)
+    stats = ClassStats.load(r)
+    plan = read_json(r.plan)
+    c = stats.num_classes
+    need = np.zeros(c)
+    for q in plan["classes"]:
+        need[int(q["label"])] = q["need"]
+    curve = {1.0: "real-only", 0.5: "headroom-f50", 0.25: "headroom-f25"}
+    preds = {}
+    for f, name in curve.items():
+        got = load_pred(r, name, "val")
+        if got is not None:
+            y, preds[f] = got
+    (yo, po), (yt, pt), (_, ot) = load_pred(r, "oracle", "val"), load_pred(r, "real-only", "test"), \
+        load_pred(r, "oracle", "test")
+    row = {"run": str(run), "room_val": balanced(yo, po, c) - balanced(y, preds[1.0], c),
+           "room_test": balanced(yt, ot, c) - balanced(yt, pt, c), "topped": int((need > 0).sum()), "est": {}}
+    ev = {(m, s): read_json(r.eval_dir / f"{m}-{s}.json") for m in ("real-only", "oracle") for s in ("val", "test")}
+    for name, (fit, fracs, signed) in CANDIDATES.items():
+        if any(f not in preds for f in fracs):
+            continue
+        e = estimate_room(y, {1.0: preds[1.0], **{f: preds[f] for f in fracs}}, stats.counts["train"], need,
+                          stats.groups, fit=fit, b=300, confidence=0.9, signed=signed, names=stats.class_names)
+        ranks = {s: per_class_rank(e, ev[("real-only", s)], ev[("oracle", s)]) for s in ("val", "test")}
+        row["est"][name] = {"room": e["room"], "low": e["low"], "high": e["high"],
+                            "se": (e["high"] - e["low"]) / (2 * Z90),
+                            "rho_val": ranks["val"]["spearman"], "rho_test": ranks["test"]["spearman"],
+                            "class_est": ranks["test"]["estimated"], "class_exact_test": ranks["test"]["exact"],
+                            "class_exact_val": ranks["val"]["exact"]}
+    return row
+
+
+def small_rows(path: Path) -> dict:
+    """bench/room_table.py's runs (the small-images recipe): only the default (clipped power-span@0.5) estimate."""
+    if not path.exists():
+        return {}
+    out = {}
+    for ds, rows in json.loads(path.read_text()).items():
+        out[f"small/{ds}"] = [{"run": r["run"], "room_val": r["room_val"], "room_test": r["room_test"],
+                               "est": {"power-span@0.5": {"room": r["est_power-span@0.5"],
+                                                          "low": r["est_power-span@0.5_low"],
+                                                          "high": r["est_power-span@0.5_high"],
+                                                          "se": (r["est_power-span@0.5_high"]
+                                                                 - r["est_power-span@0.5_low"]) / (2 * Z90)}}}
+                              for r in rows if "est_power-span@0.5" in r]
+    return out
+
+
+def calibrate(points: list[tuple[float, float, float]], level: float = 0.9) -> tuple[float, float]:
+    """(scale, spread) from (estimate, se, exact VAL room) points: scale by least squares through the origin;
+    spread the ``level`` quantile of the studentized residuals' absolute values (a split-conformal quantile,
+    with the (n + 1) correction)."""
+    e, se, v = (np.array(x, dtype=float) for x in zip(*points))
+    k = float((e * v).sum() / (e * e).sum()) if (e * e).sum() > 0 else 1.0
+    z = np.sort(np.abs(v - k * e) / np.maximum(se, 0.05))
+    i = min(len(z) - 1, int(np.ceil(level * (len(z) + 1))) - 1)
+    return k, float(z[i])
+
+
+def evaluate_candidate(res: dict, name: str) -> dict:
+    """Leave-one-dataset-out calibration of one candidate; per dataset the raw and calibrated 3-seed means against
+    the exact room (VAL, TEST), and the coverage of the raw and the calibrated 90 % intervals over the runs."""
+    have = {ds: [r for r in rows if name in r["est"]] for ds, rows in res.items()}
+    have = {ds: rows for ds, rows in have.items() if rows}
+    out = {"datasets": {}, "all": None}
+    for ds, rows in have.items():
+        train = [(r["est"][name]["room"], r["est"][name]["se"], r["room_val"])
+                 for d, rr in have.items() if d != ds for r in rr]
+        k, q = calibrate(train) if len(train) >= 3 else (1.0, Z90)
+        d = {"scale": k, "spread": q, "runs": []}
+        for r in rows:
+            e = r["est"][name]
+            cal = k * e["room"]
+            d["runs"].append({"raw": e["room"], "cal": cal, "val": r["room_val"], "test": r["room_test"],
+                              "raw_cover_test": e["low"] <= r["room_test"] <= e["high"],
+                              "cal_cover_test": cal - q * e["se"] <= r["room_test"] <= cal + q * e["se"],
+                              "cal_cover_val": cal - q * e["se"] <= r["room_val"] <= cal + q * e["se"],
+                              "cal_low": cal - q * e["se"], "cal_high": cal + q * e["se"],
+                              "rho_test": e.get("rho_test"), "rho_val": e.get("rho_val")})
+        out["datasets"][ds] = d
+    every = [(r["est"][name]["room"], r["est"][name]["se"], r["room_val"]) for rr in have.values() for r in rr]
+    out["all"] = calibrate(every) if len(every) >= 3 else None
+    return out
+
+
+def mean(xs) -> float:
+    xs = [x for x in xs if x is not None and np.isfinite(x)]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pretrained", nargs="*", default=["ffold", "letters", "fmnist100", "fmnist10"])
+    ap.add_argument("--digits", type=int, nargs="*", default=[100, 50], help="digits imbalance factors")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--runs", default="runs")
+    ap.add_argument("--make", action="store_true", help="make missing headroom models / digits runs")
+    ap.add_argument("--out", default="bench/results/room_study")
+    a = ap.parse_args(argv)
+    res: dict = {}
+    for ds in a.pretrained:
+        for s in a.seeds:
+            run = Path(a.runs) / "pretrained" / f"{ds}-s{s}"
+            if not (run / "eval" / "oracle-test.json").exists():
+                continue
+            if a.make:
+                make_pretrained(run)
+            if load_pred(RunDir(run), "oracle", "val") is None:
+                continue
+            res.setdefault(f"pretrained/{ds}", []).append(collect(run))
+    for imb in a.digits:
+        for s in a.seeds:
+            run = Path(a.runs) / "room-study" / f"digits{imb}-s{s}"
+            if a.make:
+                make_digits(run, imb, s)
+            if load_pred(RunDir(run), "oracle", "val") is None:
+                continue
+            res.setdefault(f"digits{imb}", []).append(collect(run))
+    res.update(small_rows(Path("bench/results/room_table.json")))
+    for ds, rows in res.items():
+        print(f"{ds}: {len(rows)} runs", flush=True)
+    cands = {n: evaluate_candidate(res, n) for n in CANDIDATES}
+    lines = ["# The room estimate across datasets (`bench/room_study.py`)", "",
+             "Balanced accuracy in points. exact = oracle − real-only of the same run; raw = the estimator on the VAL "
+             "learning curve; calibrated = scale × raw with the interval ± spread × se, both fitted on the OTHER "
+             "datasets' VAL exact room (leave one dataset out). Coverage: share of runs whose TEST exact room lies "
+             "in the 90 % interval.", ""]
+    lines += ["## Candidates (chosen on VAL: mean |3-seed mean − exact VAL room| over datasets, calibrated)", "",
+              "| estimator | datasets | raw: mean abs. err. (val) | calibrated: mean abs. err. (val) | "
+              "calibrated: max abs. err. (test) | raw coverage (test) | calibrated coverage (test) | scale, spread "
+              "(all datasets) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    summary = {}
+    for n, c in cands.items():
+        ds = c["datasets"]
+        raw_err = [abs(mean([r["raw"] for r in d["runs"]]) - mean([r["val"] for r in d["runs"]])) for d in ds.values()]
+        cal_err = [abs(mean([r["cal"] for r in d["runs"]]) - mean([r["val"] for r in d["runs"]])) for d in ds.values()]
+        cal_test = [abs(mean([r["cal"] for r in d["runs"]]) - mean([r["test"] for r in d["runs"]])) for d in ds.values()]
+        runs = [r for d in ds.values() for r in d["runs"]]
+        summary[n] = {"datasets": len(ds), "raw_err_val": mean(raw_err), "cal_err_val": mean(cal_err),
+                      "cal_max_err_test": max(cal_test) if cal_test else float("nan"),
+                      "raw_cover": mean([r["raw_cover_test"] for r in runs]),
+                      "cal_cover": mean([r["cal_cover_test"] for r in runs]), "all": c["all"], "n_runs": len(runs)}
+        s = summary[n]
+        lines.append(f"| `{n}` | {s['datasets']} ({s['n_runs']} runs) | {s['raw_err_val']:.2f} | {s['cal_err_val']:.2f} | "
+                     f"{s['cal_max_err_test']:.2f} | {100 * s['raw_cover']:.0f} % | {100 * s['cal_cover']:.0f} % | "
+                     + (f"{s['all'][0]:.2f}, {s['all'][1]:.2f}" if s["all"] else "–") + " |")
+    best = min((n for n in summary if summary[n]["datasets"] == max(v["datasets"] for v in summary.values())),
+               key=lambda n: summary[n]["cal_err_val"])
+    lines += ["", f"Chosen on VAL (every dataset, lowest calibrated mean error): **`{best}`**.", "",
+              f"## `{best}` per dataset (3-seed means; TEST unless marked)", "",
+              "| data | runs | exact room (val) | exact room (test) | raw estimate | calibrated | error (test) | "
+              "calibrated 90 % interval (mean) | coverage (test) | per-class Spearman (test, mean over seeds) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for ds, d in cands[best]["datasets"].items():
+        rr = d["runs"]
+        cal, test = mean([r["cal"] for r in rr]), mean([r["test"] for r in rr])
+        lines.append(f"| {ds} | {len(rr)} | {mean([r['val'] for r in rr]):+.2f} | {test:+.2f} | "
+                     f"{mean([r['raw'] for r in rr]):+.2f} | {cal:+.2f} | {cal - test:+.2f} | "
+                     f"[{mean([r['cal_low'] for r in rr]):+.2f}, {mean([r['cal_high'] for r in rr]):+.2f}] | "
+                     f"{sum(r['cal_cover_test'] for r in rr)}/{len(rr)} | {mean([r['rho_test'] for r in rr]):+.2f} |")
+    out = {"rows": res, "candidates": cands, "summary": summary, "chosen": best}
+    Path(a.out + ".json").write_text(json.dumps(out, indent=1, default=float))
+    Path(a.out + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
