@@ -42,12 +42,12 @@ from tailforge.data import ClassStats, RunDir, read_json
 from tailforge.eval.evaluate import load_pred
 from tailforge.eval.room import estimate_room, per_class_rank
 
-CANDIDATES = {  # name -> (fit, fractions, signed)
-    "power-span@0.5": ("power-span", (0.5,), False),
+CANDIDATES = {  # name -> (fit, fractions, signed); the unsigned @0.5 ones are in room_table.json too
+    **{f"{fit}@0.5": (fit, (0.5,), False) for fit in ("power-span", "log-span", "power", "scale", "quad")},
     "power-span@0.5 signed": ("power-span", (0.5,), True),
+    "power@0.5 signed": ("power", (0.5,), True),
     "power-span@0.5,0.25 signed": ("power-span", (0.5, 0.25), True),
-    "log-span@0.5": ("log-span", (0.5,), False),
-    "log-span@0.5 signed": ("log-span", (0.5,), True),
+    "scale@0.5,0.25": ("scale", (0.5, 0.25), False),
 }
 Z90 = 1.6449
 
@@ -124,27 +124,25 @@ def small_rows(path: Path) -> dict:
     out = {}
     for ds, rows in json.loads(path.read_text()).items():
         out[f"small/{ds}"] = [{"run": r["run"], "room_val": r["room_val"], "room_test": r["room_test"],
-                               "est": {"power-span@0.5": {"room": r["est_power-span@0.5"],
-                                                          "low": r["est_power-span@0.5_low"],
-                                                          "high": r["est_power-span@0.5_high"],
-                                                          "se": (r["est_power-span@0.5_high"]
-                                                                 - r["est_power-span@0.5_low"]) / (2 * Z90)}}}
+                               "est": {n: {"room": r[f"est_{n}"], "low": r[f"est_{n}_low"], "high": r[f"est_{n}_high"],
+                                           "se": (r[f"est_{n}_high"] - r[f"est_{n}_low"]) / (2 * Z90)}
+                                       for n in CANDIDATES if f"est_{n}" in r}}
                               for r in rows if "est_power-span@0.5" in r]
     return out
 
 
-def calibrate(points: list[tuple[float, float, float]], level: float = 0.9) -> tuple[float, float]:
-    """(scale, spread) from (estimate, se, exact VAL room) points: scale by least squares through the origin;
-    spread the ``level`` quantile of the studentized residuals' absolute values (a split-conformal quantile,
-    with the (n + 1) correction)."""
+def calibrate(points: list[tuple[float, float, float]], level: float = 0.9, scale: bool = True) -> tuple[float, float]:
+    """(scale, spread) from (estimate, se, exact VAL room) points: scale by least squares through the origin (1
+    without ``scale``); spread the ``level`` quantile of the studentized residuals' absolute values (a
+    split-conformal quantile, with the (n + 1) correction)."""
     e, se, v = (np.array(x, dtype=float) for x in zip(*points))
-    k = float((e * v).sum() / (e * e).sum()) if (e * e).sum() > 0 else 1.0
+    k = float((e * v).sum() / (e * e).sum()) if scale and (e * e).sum() > 0 else 1.0
     z = np.sort(np.abs(v - k * e) / np.maximum(se, 0.05))
     i = min(len(z) - 1, int(np.ceil(level * (len(z) + 1))) - 1)
     return k, float(z[i])
 
 
-def evaluate_candidate(res: dict, name: str) -> dict:
+def evaluate_candidate(res: dict, name: str, scale: bool = True) -> dict:
     """Leave-one-dataset-out calibration of one candidate; per dataset the raw and calibrated 3-seed means against
     the exact room (VAL, TEST), and the coverage of the raw and the calibrated 90 % intervals over the runs."""
     have = {ds: [r for r in rows if name in r["est"]] for ds, rows in res.items()}
@@ -153,7 +151,7 @@ def evaluate_candidate(res: dict, name: str) -> dict:
     for ds, rows in have.items():
         train = [(r["est"][name]["room"], r["est"][name]["se"], r["room_val"])
                  for d, rr in have.items() if d != ds for r in rr]
-        k, q = calibrate(train) if len(train) >= 3 else (1.0, Z90)
+        k, q = calibrate(train, scale=scale) if len(train) >= 3 else (1.0, Z90)
         d = {"scale": k, "spread": q, "runs": []}
         for r in rows:
             e = r["est"][name]
@@ -166,7 +164,7 @@ def evaluate_candidate(res: dict, name: str) -> dict:
                               "rho_test": e.get("rho_test"), "rho_val": e.get("rho_val")})
         out["datasets"][ds] = d
     every = [(r["est"][name]["room"], r["est"][name]["se"], r["room_val"]) for rr in have.values() for r in rr]
-    out["all"] = calibrate(every) if len(every) >= 3 else None
+    out["all"] = calibrate(every, scale=scale) if len(every) >= 3 else None
     return out
 
 
@@ -206,7 +204,8 @@ def main(argv=None) -> None:
     res.update(small_rows(Path("bench/results/room_table.json")))
     for ds, rows in res.items():
         print(f"{ds}: {len(rows)} runs", flush=True)
-    cands = {n: evaluate_candidate(res, n) for n in CANDIDATES}
+    cands = {**{f"{n}, scaled": evaluate_candidate(res, n) for n in CANDIDATES},
+             **{f"{n}, spread only": evaluate_candidate(res, n, scale=False) for n in CANDIDATES}}
     lines = ["# The room estimate across datasets (`bench/room_study.py`)", "",
              "Balanced accuracy in points. exact = oracle − real-only of the same run; raw = the estimator on the VAL "
              "learning curve; calibrated = scale × raw with the interval ± spread × se, both fitted on the OTHER "

@@ -348,13 +348,16 @@ def estimate_room(y: np.ndarray, preds: dict[float, np.ndarray], train_counts, n
 def curve_gains(headroom: dict, add) -> np.ndarray:
     """Estimated accuracy gain of each class (a fraction, not points) if ``add[c]`` images were added to it, from
     a headroom result (``estimate_room`` / eval/headroom.json): its fit, fitted parameter and each class's val
-    error on the full real set. Classes off the learning curve gain 0. The span cap of the ``-span`` fits is NOT
-    applied: pricing a quota is extrapolation by definition, and the planner caps quotas itself."""
+    error on the full real set (smoothed by half an image, as the fit is). Classes off the learning curve gain 0.
+    The span cap of the ``-span`` fits is NOT applied: pricing a quota is extrapolation by definition, and the
+    planner caps quotas itself."""
     cls = headroom["classes"]
     add = np.asarray(add, dtype=float)
     counts = np.array([c["have"] for c in cls], dtype=float)
-    err = np.array([c["val_error"] for c in cls], dtype=float)
     support = np.array([c["val_images"] for c in cls], dtype=float)
+    # a class with no val error out of a few dozen images is not error-free: price it at its smoothed error
+    err = _smoothed_error(1 - np.array([c["val_error"] for c in cls], dtype=float), support)
+    support = np.full(len(cls), 1e12)  # already smoothed
     on = np.array([c["curve"] for c in cls], dtype=bool) & (add > 0)
     fit = headroom["fit"].removesuffix("-span")
     param = headroom["param"]

@@ -55,6 +55,11 @@ def run(args) -> int:
           f"the val learning curve at fractions {', '.join(str(f) for f in res['fractions'])})")
     for g, v in res["groups"].items():
         print(f"  {g}: {v['room']:+.1f} [{v['low']:+.1f}, {v['high']:+.1f}]")
+    topped = sorted((c for c in res.get("classes", []) if c["need"] > 0), key=lambda c: -c["gain"])
+    if topped:
+        fmt = lambda c: f"{c['name']} {c['gain']:+.1f}"  # noqa: E731
+        print(f"  per class (points of the class's accuracy): most room in {', '.join(fmt(c) for c in topped[:3])}; "
+              f"least in {', '.join(fmt(c) for c in topped[::-1][:3])}")
     print(f"wrote {Path(cfg.run).resolve() / 'eval' / 'headroom.json'}")
     from .cmd_run import _quiet_shutdown
 

@@ -259,3 +259,25 @@ def test_room_plan_without_a_learning_curve_or_a_budget_fails_clearly():
     hr["classes"][3]["curve"] = False
     with pytest.raises(TailforgeError, match="no learning curve for 1 class"):
         plan(s, PlanConfig(target="room", budget=50), hr)
+
+
+def test_plan_cli_room_target_reuses_the_curve_says_how_it_split_and_refuses_bad_budgets(digits_run_copy, capsys):
+    from tailforge.data import read_json, write_json
+    from tailforge.flows.cli import main
+
+    run = digits_run_copy
+    assert main(["plan", "--run", str(run.root), "--target", "room", "--budget", "0"]) == 2
+    assert main(["plan", "--run", str(run.root), "--target", "room"]) == 2           # no budget to split
+    assert main(["plan", "--run", str(run.root), "--target", "room", "--budget", "100"]) == 2  # no curve, no config
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert "budget must be at least 1" in err and "set `budget`" in err and "learning curve" in err
+    assert "Traceback" not in err and len(lines) == 3 and all(x.startswith("tailforge plan: error:") for x in lines)
+    counts = ClassStats.load(run).counts["train"]
+    err_val = [0.0 if n == max(counts) else 0.3 * (1 - n / max(counts)) for n in counts]
+    write_json(run.eval_dir / "headroom.json", headroom_of(counts, err_val))
+    assert main(["plan", "--run", str(run.root), "--target", "room", "--budget", "100", "--overgen", "1.25"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    d = read_json(run.plan)
+    assert d["target"] == "room" and d["total"] == 100 and sum(c["need"] for c in d["classes"]) == 80
+    assert "room plan: 80 images over" in out and "estimated balanced-accuracy gain" in out

@@ -1,0 +1,119 @@
+"""Where to spend a budget: `plan.target: room` against balance-shaped and uniform quotas, with a perfect generator.
+
+For each finished source run (the pretrained recipe's runs/pretrained/<ds>-s<seed>, and the default recipe on
+digits in runs/room-study/digits<IF>-s<seed>) the whole benchmark flow (`tailforge run`, the source run's own
+config.yaml) runs again three times at ONE total budget, a quarter of what the source's balance plan generates:
+
+* ``balance``: balance's quotas capped to the budget (in proportion to each class's distance to the largest);
+* ``uniform``: the same number for every class below the largest;
+* ``room``: the room plan (each class's learning curve from `tailforge headroom`, measured by the flow itself
+  from train and val, the budget water-filled where the estimated gain per image is largest).
+
+The measured arm is the oracle (the long tail's held-back real images through the same plan, filter and
+recipe): what each split gives when the generator is perfect. Pretrained runs are linked copies (the fine-tuned
+baseline and its feature cache shared; heads re-trained), digits runs are re-made whole (seconds).
+TEST balanced accuracy, the split the runs report; no setting here is chosen on it (the planner has none).
+
+    python bench/room_plan.py --jobs 2
+
+Results: bench/results/room_plan.{md,json}; runs in runs/room-plan/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from tailforge.data import read_json
+
+TARGETS = ("balance", "uniform", "room")
+
+
+def tf(*args, log=None) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(log, "a") if log else open(os.devnull, "w") as fh:
+        subprocess.run([sys.executable, "-m", "tailforge.flows.cli", *args], check=True, stdout=fh,
+                       stderr=subprocess.STDOUT, env=env)
+
+
+def linked(src: Path, dst: Path) -> None:
+    """A run folder sharing ``src``'s fine-tuned baseline and feature cache (nothing re-fine-tuned)."""
+    (dst / "models").mkdir(parents=True, exist_ok=True)
+    if not (dst / "models" / "baseline").exists():
+        (dst / "models" / "baseline").symlink_to((src / "models" / "baseline").resolve())
+    if not (dst / "features").exists() and (src / "features").exists():
+        (dst / "features").symlink_to((src / "features").resolve())
+
+
+def one(src: Path, target: str, out_runs: Path) -> dict:
+    budget = int(round(read_json(src / "plan.json")["total"] / 4))
+    dst = out_runs / f"{src.parent.name}-{src.name}-{target}"
+    if "pretrained" in str(src):
+        linked(src, dst)
+    sets = [f"plan.target={target}", f"plan.budget={budget}", "evaluate.plots=false", "compare.headroom=false",
+            "track.tensorboard=false"]
+    if not (dst / "eval" / "report.md").exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tf("run", "--wait", "--config", str(src / "config.yaml"), "--run", str(dst),
+           *sum((["--set", s] for s in sets), []), log=f"{dst}.log")
+    ev = {m: read_json(dst / "eval" / f"{m}-test.json") for m in ("real-only", "oracle")}
+    plan = read_json(dst / "plan.json")
+    row = {"run": str(dst), "budget": budget, "added": sum(q["need"] for q in plan["classes"]),
+           "real-only": 100 * ev["real-only"]["balanced_acc"], "oracle": 100 * ev["oracle"]["balanced_acc"],
+           "need": [q["need"] for q in plan["classes"]], "note": plan.get("note", "")}
+    row["room"] = row["oracle"] - row["real-only"]
+    print(f"{dst.name}: oracle {row['oracle']:.2f} (real-only {row['real-only']:.2f}, {row['added']} added)", flush=True)
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sources", nargs="*", default=None, help="source run folders (default: every finished one)")
+    ap.add_argument("--out-runs", default="runs/room-plan")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--out", default="bench/results/room_plan")
+    a = ap.parse_args(argv)
+    srcs = [Path(s) for s in a.sources] if a.sources else sorted(
+        p for p in list(Path("runs/pretrained").glob("*-s[0-9]")) + list(Path("runs/room-study").glob("digits*-s[0-9]"))
+        if (p / "eval" / "oracle-test.json").exists())
+    jobs = [(s, t) for s in srcs for t in TARGETS]
+    with ThreadPoolExecutor(a.jobs) as ex:
+        rows = list(ex.map(lambda j: one(j[0], j[1], Path(a.out_runs)), jobs))
+    res: dict = {}
+    for (s, t), r in zip(jobs, rows):
+        ds = f"{s.parent.name}/{s.name.rsplit('-s', 1)[0]}"
+        res.setdefault(ds, {}).setdefault(t, []).append({"seed": int(s.name.rsplit("-s", 1)[1]), **r})
+    lines = ["# Where to spend the budget: room-guided vs balance-shaped vs uniform quotas (`bench/room_plan.py`)", "",
+             "The oracle arm (perfect synthetic data: the tail's held-back real images) at ONE total budget per run, a "
+             "quarter of what the balance plan generates, split three ways. TEST balanced accuracy in points, mean ± "
+             "std over seeds; the last columns are room − balance per seed (mean, and min..max).", "",
+             "| data | seeds | budget | real-only | balance | uniform | room | room − balance | uniform − balance |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ms(v):
+        v = np.asarray(v, float)
+        return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+
+    for ds, by in res.items():
+        acc = {t: [r["oracle"] for r in sorted(by[t], key=lambda r: r["seed"])] for t in TARGETS if t in by}
+        d = np.array(acc["room"]) - np.array(acc["balance"])
+        u = np.array(acc["uniform"]) - np.array(acc["balance"])
+        lines.append(f"| {ds} | {len(d)} | {by['room'][0]['budget']} | {ms([r['real-only'] for r in by['balance']])} | "
+                     + " | ".join(ms(acc[t]) for t in TARGETS)
+                     + f" | {d.mean():+.2f} ({d.min():+.2f}..{d.max():+.2f}) | {u.mean():+.2f} ({u.min():+.2f}..{u.max():+.2f}) |")
+    lines += ["", "How the room plans split their budget (seed 0 of each):", ""]
+    for ds, by in res.items():
+        lines.append(f"- {ds}: {by['room'][0]['note']}")
+    Path(a.out + ".json").write_text(json.dumps(res, indent=1))
+    Path(a.out + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
