@@ -56,8 +56,12 @@ def one(src: Path, target: str, out_runs: Path) -> dict:
     dst = out_runs / f"{src.parent.name}-{src.name}-{target}"
     if "pretrained" in str(src):
         linked(src, dst)
+    from tailforge.eval.config import CompareConfig
+
+    d = CompareConfig()  # the product's default learning curve (a source's config.yaml pins the one of its day)
     sets = [f"plan.target={target}", f"plan.budget={budget}", "evaluate.plots=false", "compare.headroom=false",
-            "track.tensorboard=false"]
+            "track.tensorboard=false", f"compare.headroom_fit={d.headroom_fit}",
+            f"compare.headroom_fractions={json.dumps(d.headroom_fractions)}"]
     if not (dst / "eval" / "report.md").exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
         tf("run", "--wait", "--config", str(src / "config.yaml"), "--run", str(dst),
