@@ -217,7 +217,7 @@ def publish_plan(run: RunDir, plan) -> None:
     rows, note = capped(rows, "have")
     table(artifact_key(run, "plan"), rows,
           f"generation plan: target '{plan.target}', over-generation x{plan.overgen}, {plan.total} samples in all"
-          + (f"; {note} (every class: {run.plan})" if note else ""))
+          + (f"; {note} (every class: {run.plan})" if note else "") + (f". {plan.note}" if plan.note else ""))
 
 
 # --------------------------------------------------------------------------- generate
@@ -587,8 +587,12 @@ def headroom_task(run: str, points: dict, compare_cfg) -> dict:
              "high": round(res["high"], 2)}]
     rows += [{"set": k, "room": round(v["room"], 2), "low": round(v["low"], 2), "high": round(v["high"], 2)}
              for k, v in res["groups"].items()]
+    per = sorted((c for c in res.get("classes", []) if c["need"] > 0), key=lambda c: -c["gain"])
+    rows += [{"set": f"class {c['label']} ({c['name']})", "room": round(c["gain"], 2), "low": round(c["low"], 2),
+              "high": round(c["high"], 2)} for c in (per if len(per) <= 20 else per[:10] + per[-10:])]
     table(artifact_key(r, "headroom"), rows, f"estimated room in points ({res['fit']} fit of the val learning curve, "
-          f"90 % interval), from the real train and val splits alone")
+          f"90 % interval), from the real train and val splits alone; per class (points of the class's accuracy): "
+          f"{'every topped-up class' if len(per) <= 20 else 'the 10 with the most and the 10 with the least room'}")
     return res
 
 
