@@ -72,6 +72,8 @@ def one(src: Path, target: str, out_runs: Path) -> dict:
            "real-only": 100 * ev["real-only"]["balanced_acc"], "oracle": 100 * ev["oracle"]["balanced_acc"],
            "need": [q["need"] for q in plan["classes"]], "note": plan.get("note", "")}
     row["room"] = row["oracle"] - row["real-only"]
+    full = {m: 100 * read_json(src / "eval" / f"{m}-test.json")["balanced_acc"] for m in ("real-only", "oracle")}
+    row["full_room"] = full["oracle"] - full["real-only"]  # the source run's oracle: balance's whole quota
     print(f"{dst.name}: oracle {row['oracle']:.2f} (real-only {row['real-only']:.2f}, {row['added']} added)", flush=True)
     return row
 
@@ -96,9 +98,17 @@ def main(argv=None) -> None:
     lines = ["# Where to spend the budget: room-guided vs balance-shaped vs uniform quotas (`bench/room_plan.py`)", "",
              "The oracle arm (perfect synthetic data: the tail's held-back real images) at ONE total budget per run, a "
              "quarter of what the balance plan generates, split three ways. TEST balanced accuracy in points, mean ± "
-             "std over seeds; the last columns are room − balance per seed (mean, and min..max).", "",
-             "| data | seeds | budget | real-only | balance | uniform | room | room − balance | uniform − balance |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "std over seeds; the last columns: room − balance and uniform − balance, mean over seeds [95 % t interval over "
+             "seeds] (per seed).", "",
+             "| data | seeds | budget | real-only | balance | uniform | room | room − balance | uniform − balance | "
+             "room at balance's full quota (4× the budget) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def tiv(d):  # mean, 95 % t interval over seeds, per-seed values
+        from scipy.stats import t
+
+        h = t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+        return f"{d.mean():+.2f} [{d.mean() - h:+.2f}, {d.mean() + h:+.2f}] ({' / '.join(f'{x:+.2f}' for x in d)})"
 
     def ms(v):
         v = np.asarray(v, float)
@@ -109,8 +119,9 @@ def main(argv=None) -> None:
         d = np.array(acc["room"]) - np.array(acc["balance"])
         u = np.array(acc["uniform"]) - np.array(acc["balance"])
         lines.append(f"| {ds} | {len(d)} | {by['room'][0]['budget']} | {ms([r['real-only'] for r in by['balance']])} | "
-                     + " | ".join(ms(acc[t]) for t in TARGETS)
-                     + f" | {d.mean():+.2f} ({d.min():+.2f}..{d.max():+.2f}) | {u.mean():+.2f} ({u.min():+.2f}..{u.max():+.2f}) |")
+                     + " | ".join(ms(acc[t]) for t in TARGETS) + f" | {tiv(d)} | {tiv(u)} | "
+                     + f"+{np.mean([r['full_room'] for r in by['balance']]):.2f} (quarter, balance-shaped: "
+                     + f"+{np.mean(acc['balance']) - np.mean([r['real-only'] for r in by['balance']]):.2f}) |")
     lines += ["", "How the room plans split their budget (seed 0 of each):", ""]
     for ds, by in res.items():
         lines.append(f"- {ds}: {by['room'][0]['note']}")
