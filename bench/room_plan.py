@@ -32,6 +32,9 @@ import numpy as np
 
 from tailforge.data import read_json
 
+sys.path.insert(0, str(Path(__file__).parent))
+from featcov_variants import linked  # noqa: E402  (a run folder sharing a source's fine-tuned baseline)
+
 TARGETS = ("balance", "uniform", "room")
 
 
@@ -40,15 +43,6 @@ def tf(*args, log=None) -> None:
     with open(log, "a") if log else open(os.devnull, "w") as fh:
         subprocess.run([sys.executable, "-m", "tailforge.flows.cli", *args], check=True, stdout=fh,
                        stderr=subprocess.STDOUT, env=env)
-
-
-def linked(src: Path, dst: Path) -> None:
-    """A run folder sharing ``src``'s fine-tuned baseline and feature cache (nothing re-fine-tuned)."""
-    (dst / "models").mkdir(parents=True, exist_ok=True)
-    if not (dst / "models" / "baseline").exists():
-        (dst / "models" / "baseline").symlink_to((src / "models" / "baseline").resolve())
-    if not (dst / "features").exists() and (src / "features").exists():
-        (dst / "features").symlink_to((src / "features").resolve())
 
 
 def one(src: Path, target: str, out_runs: Path) -> dict:

@@ -231,6 +231,10 @@ def room_reason(need: np.ndarray, caps: np.ndarray, headroom: dict, names) -> st
     top = np.argsort(-need, kind="stable")[:3]
     share = need[top].sum() / max(1, need.sum())
     none = int(((caps > 0) & (need == 0)).sum())
+    if g.sum() <= 1e-9:
+        return (f"room plan: the learning curve ({headroom.get('fit')}) sees no gain from more images in any class, so "
+                f"the {int(need.sum()):,} images went to the classes farthest from the largest, "
+                f"{int((need > 0).sum())} of them")
     return (f"room plan: {int(need.sum()):,} images over {int((need > 0).sum())} classes where the estimated gain "
             f"is largest ({headroom.get('fit')} learning curve); {100 * share:.0f} % to "
             + ", ".join(f"{names[i]} ({need[i]:,}, {g[i]:+.1f} pts)" for i in top if need[i] > 0)
