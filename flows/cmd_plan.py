@@ -51,8 +51,8 @@ def has_curve(run, cfg) -> bool:
 
 
 def measure_then_plan(run, cfg) -> int:
-    """A room plan with no learning curve yet: the run's recipe (config.yaml) measures it first (`tailforge
-    headroom`'s flow: the real-only recipe and its thinned points), then plans."""
+    """A room plan with no learning curve yet: the run's recipe and plan (config.yaml) measure it first (`tailforge
+    headroom`'s flow: the real-only recipe and its thinned points), then the room plan is made from it."""
     import time
     from pathlib import Path
 
@@ -67,7 +67,7 @@ def measure_then_plan(run, cfg) -> int:
                              "neither eval/headroom.json nor a config.yaml to measure it with",
                              f"run `tailforge headroom --run {run.root} --config YAML --set plan.target=room --set "
                              f"plan.budget={cfg.budget}` (or `tailforge run` with them)")
-    full = load_config(conf, {"run": str(run.root), "plan": cfg.model_dump(mode="json")})
+    full = load_config(conf, {"run": str(run.root)})  # the run's own plan: its curve covers the classes below the largest
     console().print("plan target room: no learning curve in eval/headroom.json yet, so measuring it first "
                     "(the recipe with the classes below the largest thinned; `tailforge headroom`) ...")
     with run_lock(full.run, create=True, command="tailforge plan"):
@@ -81,9 +81,9 @@ def measure_then_plan(run, cfg) -> int:
         t0 = time.perf_counter()
         run_flow(full, "headroom")
         console().print(f"learning curve measured in {time.perf_counter() - t0:.0f} s")
-    from tailforge.gen import Plan
+    from tailforge.gen import plan_run
 
-    print_plan(Plan.load(run), run)
+    print_plan(plan_run(run, cfg), run)
     return 0
 
 
