@@ -135,7 +135,8 @@ def split_evenly(total: int, caps: np.ndarray) -> np.ndarray:
 def room_quotas(total: int, caps: np.ndarray, headroom: dict, steps: int = 4000) -> np.ndarray:
     """``total`` images split over the classes (none above its cap) where the estimated gain is largest.
 
-    Each class's quota grows in steps of ``ceil(total / steps)`` images; the gain of every step is priced by
+    Each class's quota grows in steps of ``ceil(total / steps)`` images (coarser where a class could take more
+    than 250 steps); the gain of every step is priced by
     ``curve_gains`` (the headroom fit), and the steps with the largest gains are taken. Learning curves are
     concave, so each class's steps come in order and the sum of estimated gains is the largest there is.
     Steps that gain nothing (beyond a class's curve, or no room at all) go last, the classes farthest from the
@@ -146,8 +147,9 @@ def room_quotas(total: int, caps: np.ndarray, headroom: dict, steps: int = 4000)
     total = int(min(total, caps.sum()))
     if total <= 0:
         return np.zeros(len(caps), dtype=np.int64)
-    step = max(1, math.ceil(total / steps))
-    k = np.arange(math.ceil(caps.max() / step) + 1)
+    # at most `steps` steps in all, and 250 a class (time and memory at thousands of classes)
+    step = max(1, math.ceil(total / steps), math.ceil(min(caps.max(), total) / 250))
+    k = np.arange(math.ceil(min(caps.max(), total) / step) + 1)  # no class can take more than the total
     edges = np.minimum(k[:, None] * step, caps[None, :])             # (steps + 1, C) images added after each step
     g = np.stack([curve_gains(headroom, e) for e in edges])            # estimated gain at each edge
     sizes = np.diff(edges, axis=0)
