@@ -181,6 +181,8 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--make", action="store_true", help="make missing headroom models / digits runs")
     ap.add_argument("--out", default="bench/results/room_study")
+    ap.add_argument("--docs", action="store_true", help="also write the chosen estimator's table into README.md "
+                    "(between the <!-- room-study --> markers)")
     a = ap.parse_args(argv)
     res: dict = {}
     for ds in a.pretrained:
@@ -248,7 +250,35 @@ def main(argv=None) -> None:
     Path(a.out + ".json").write_text(json.dumps(out, indent=1, default=float))
     Path(a.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if a.docs:
+        readme_table(cands[best], res)
 
+
+LABELS = {"pretrained/ffold": "pretrained: Fashion-MNIST folder", "pretrained/letters": "pretrained: letters",
+          "pretrained/fmnist100": "pretrained: Fashion-MNIST-LT IF 100", "pretrained/fmnist10":
+          "pretrained: Fashion-MNIST-LT IF 10", "digits100": "small-images: digits IF 100",
+          "digits50": "small-images: digits IF 50", "small/letters": "small-images: letters",
+          "small/ffold": "small-images: Fashion-MNIST folder", "small/fmnist100": "small-images: Fashion-MNIST-LT IF 100",
+          "small/fmnist10": "small-images: Fashion-MNIST-LT IF 10"}
+
+
+def readme_table(cand: dict, res: dict) -> None:
+    """README's room-study block: the chosen estimator per dataset (TEST, 3-seed means)."""
+    sg = lambda v: f"{v:+.2f}".replace("-", "\u2212")  # noqa: E731  (a typographic minus, as README writes it)
+    rows = ["| data | runs | exact room | estimated | error | runs covered by the 90 % interval | per-class Spearman |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for ds, d in cand["datasets"].items():
+        rr = d["runs"]
+        est, ex = mean([r["cal"] for r in rr]), mean([r["test"] for r in rr])
+        rho = mean([r["rho_test"] for r in rr])
+        rows.append(f"| {LABELS.get(ds, ds)} | {len(rr)} | {sg(ex)} | {sg(est)} | {sg(est - ex)} | "
+                    f"{sum(r['cal_cover_test'] for r in rr)}/{len(rr)} | "
+                    + ("(runs not kept)" if ds.startswith("small/") else sg(rho) if np.isfinite(rho) else "–") + " |")
+    readme = Path("README.md")
+    text = readme.read_text()
+    a, b = "<!-- room-study -->", "<!-- /room-study -->"
+    i, j = text.index(a) + len(a), text.index(b)
+    readme.write_text(text[:i] + "\n" + "\n".join(rows) + "\n" + text[j:])
 
 if __name__ == "__main__":
     main()
