@@ -21,7 +21,7 @@ def _wheel(name: str):
 
 
 def _imagenet_top5(model, image: np.ndarray, size: int) -> list[int]:
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float() / 255
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     with torch.no_grad():
         return model((x - 0.5) / 0.5).topk(5).indices[0].tolist()  # TF-Lite inputs: [-1, 1]
@@ -130,7 +130,7 @@ def test_tau_norm_equalises_class_weight_norms_and_is_chosen_on_val():
     h1.load_state_dict(head.state_dict())
     tau_normalise(h1, 1.0)
     torch.testing.assert_close(h1.weight.norm(dim=1), torch.ones(2))
-    assert float(h1.bias.abs().sum()) == 0
+    assert float(h1.bias.detach().abs().sum()) == 0
     rng = np.random.default_rng(0)
     feats = torch.from_numpy(np.abs(rng.normal(size=(400, 2))).astype(np.float32))
     y = (feats[:, 1] > feats[:, 0]).long().numpy()  # the true boundary is the diagonal
