@@ -47,7 +47,7 @@ class CompareConfig(BaseModel):
                                   "curve does not lean the estimate up (bench/results/room_study.md)")
     headroom_scale: float = Field(1.0, gt=0, description="headroom: the estimate's correction factor, fitted across "
                                   "datasets on VAL (bench/results/room_study.md; Mahmood et al. 2022)")
-    headroom_spread: float = Field(4.13, ge=0, description="headroom: the interval's half-width in bootstrap "
+    headroom_spread: float = Field(4.77, ge=0, description="headroom: the interval's half-width in bootstrap "
                                    "standard errors, a split-conformal quantile fitted across datasets on VAL so the "
                                    "90 % interval covers the exact room (bench/results/room_study.md)")
     bootstrap: int = Field(1000, ge=100, description="paired bootstrap replicates (test images re-drawn within each "
