@@ -47,6 +47,7 @@ def one(ds: str, seed: int, a) -> dict | None:
     sets += [f"data.seed={seed}", f"train.seed={seed}", f"generate.seed={seed}"]
     if ds in LARGE:
         sets.append(f"train.epochs={a.ft_epochs_large}")
+    sets += a.set or []
     t0 = time.time()
     run.parent.mkdir(parents=True, exist_ok=True)
     if not (run / "eval" / "report.md").exists():
@@ -69,6 +70,11 @@ def collect(run: Path, secs: float | None = None) -> dict | None:
     cand = read_json(r.eval_dir / "candidates.json")
     row["chosen"] = cand["chosen"]
     row["val"] = {h: 100 * v for h, v in cand["scores"].items()}
+    base = read_json(r.model_dir("baseline") / "best.json")  # the fine-tuned network with its own (LA) head
+    row["val"]["finetuned"] = 100 * base["val_balanced_acc"]
+    above = row["val"]["finetuned"] > row["val"][row["chosen"]]  # the stronger real-only model on VAL
+    row["strongest"] = "baseline" if above else row["chosen"]
+    row["strongest_test"] = row["baseline_test"] if above else row["real-only_test"]
     row["room"] = row["oracle_test"] - row["real-only_test"]
     row["gain"] = row["rebalanced_test"] - row["real-only_test"]
     return row
@@ -101,7 +107,9 @@ def table(res: dict, small: dict, a) -> str:
                    f"{ms([r['room'] for r in rows])} | {ms([r['gain'] for r in rows])} | {cap} |")
     out += ["", "Outside knowledge (pretrained real-only − small-images real-only) and the synthetic gain per seed, "
             "with the gain per group (rebalanced − real-only, TEST):", "",
-            "| data | Δ real-only (pretrained − small) | gain per seed | many | medium | few |", "|---|---:|---|---:|---:|---:|"]
+            "| data | Δ real-only (pretrained − small) | gain per seed | many | medium | few | strongest real-only on VAL "
+            "(heads and the fine-tuned network) | Δ strongest − small | rebalanced − strongest |",
+            "|---|---:|---|---:|---:|---:|---|---:|---:|"]
     for ds, rows in res.items():
         srows = small.get(ds) or []
         d = (f"{np.mean([r['real-only_test'] for r in rows]) - np.mean([r['real-only_test'] for r in srows]):+.2f}"
@@ -111,13 +119,20 @@ def table(res: dict, small: dict, a) -> str:
         for g in ("many", "medium", "few"):
             v = [r[f"rebalanced_{g}"] - r[f"real-only_{g}"] for r in rows if r[f"real-only_{g}"] is not None]
             grp.append(ms(v) if v else "–")
-        out.append(f"| {ds} | {d} | {per} | " + " | ".join(grp) + " |")
+        st = [r.get("strongest_test", r["real-only_test"]) for r in rows]
+        ds_ = (f"{np.mean(st) - np.mean([r['real-only_test'] for r in srows]):+.2f}" if srows else "–")
+        who = ", ".join(f"{h} ×{sum(r.get('strongest') == h for r in rows)}"
+                        for h in sorted({r.get("strongest", r["chosen"]) for r in rows}))
+        out.append(f"| {ds} | {d} | {per} | " + " | ".join(grp) + f" | {m(st)} ({who}) | {ds_} | "
+                   f"{ms([r['rebalanced_test'] - s for r, s in zip(rows, st)])} |")
     out += ["", "Appendix: every real-only candidate head's VAL balanced accuracy (the chosen one in bold):", "",
-            "| run | crt | la | taunorm |", "|---|---:|---:|---:|"]
+            "| run | crt | la | taunorm | fine-tuned network's own head (baseline; not re-trainable on features) |",
+            "|---|---:|---:|---:|---:|"]
     for ds, rows in res.items():
         for r in rows:
             cells = [(f"**{r['val'][h]:.2f}**" if h == r["chosen"] else f"{r['val'][h]:.2f}") if h in r["val"] else "–"
                      for h in ("crt", "la", "taunorm")]
+            cells.append(f"{r['val']['finetuned']:.2f}" if "finetuned" in r["val"] else "–")
             out.append(f"| {ds}-s{r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -134,6 +149,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ft-epochs-large", type=int, default=2, help="fine-tune epochs on Fashion-MNIST-LT (CPU budget)")
     ap.add_argument("--small", default="bench/results/room_table.json", help="the small-images recipe's results")
     ap.add_argument("--out", default="bench/results/pretrained_table")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="one more run setting for every run "
+                    "(repeatable), e.g. train.hflip=false; use its own --runs and --out")
     ap.add_argument("--collect-only", action="store_true", help="tabulate finished run folders, run nothing")
     ap.add_argument("--docs", action="store_true", help="also write the table into README.md and docs/findings.md "
                     "(between their <!-- pretrained-table --> markers)")

@@ -147,9 +147,13 @@ def control_line(path: Path) -> str:
         return ""
     c = read_json(path)
     scores = ", ".join(f"{h} {100 * v:.2f}" for h, v in c["scores"].items())
+    ref = c.get("reference")
+    ref = (f" The frozen network's own head (`{ref['model']}`) scored {100 * ref['val_balanced_acc']:.2f} there, "
+           + ("above every re-trained head: the room section also measures `rebalanced` against it." if ref["above"]
+              else "not above the chosen head.")) if ref else ""
     return (f"\n**Real-only control:** the head `{c['chosen']}` ({HEAD_NAMES.get(c['chosen'], c['chosen'])}) on the "
             f"frozen backbone, the best of the candidates on the {c['split']} split (balanced accuracy, {scores}; "
-            f"eval/candidates.json); `rebalanced` and `oracle` train the same head.\n")
+            f"eval/candidates.json); `rebalanced` and `oracle` train the same head.{ref}\n")
 
 
 def _pick_baseline(name: str | None, labels: list[str]) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.futures import wait
 
-from tailforge.data import DataConfig, MeasureConfig, RunDir
+from tailforge.data import DataConfig, MeasureConfig, RunDir, read_json
 from tailforge.data.lock import run_lock
 
 from .env import prefect_env
@@ -158,9 +158,13 @@ def _choose_head_steps(cfg: RunConfig) -> RunConfig:
     names = {h: cfg.candidate_name(h) for h in heads}
     for h, name in names.items():
         call(train_task, cfg.run, cfg.with_head(h).real_only_train(), name)
-    res = call(choose_head_task, cfg.run, names)
+    res = call(choose_head_task, cfg.run, names, cfg.crt_base)
     get_run_logger().info("real-only control: head %s, the best of %s on the val split (balanced accuracy %s)",
                           res["chosen"], ", ".join(heads), ", ".join(f"{h} {v:.4f}" for h, v in res["scores"].items()))
+    if res.get("reference", {}).get("above"):
+        get_run_logger().info("the frozen base network's own head (%s) scores %.4f on val, above every re-trained "
+                              "head: the report also measures rebalanced against it", cfg.crt_base,
+                              res["reference"]["val_balanced_acc"])
     return cfg.with_head(res["chosen"])
 
 
@@ -243,6 +247,9 @@ def _benchmark_steps(cfg: RunConfig) -> dict:
     logger = get_run_logger()
     call(train_task, run, cfg.real_only_train(), cfg.real_only)
     names = [cfg.baseline, cfg.real_only, cfg.rebalanced]
+    ref = (read_json(cfg.run_dir.eval_dir / "candidates.json").get("reference") or {}) if cfg.recipe.candidates else {}
+    if ref.get("above") and ref["model"] not in names:  # the stronger real-only model on VAL: on the report too
+        names.append(ref["model"])
     why = oracle_blocker(cfg)
     if why is None:
         _oracle_steps(cfg)

@@ -498,15 +498,20 @@ def publish_training(run: RunDir, name: str) -> None:
 
 
 @task(name="choose-head", cache_policy=NONE, task_run_name="choose the real-only head of {run}")
-def choose_head_task(run: str, names: dict) -> dict:
-    """The real-only candidate with the best VAL balanced accuracy (train/heads.py ``choose``): eval/candidates.json,
-    published as a table artifact."""
+def choose_head_task(run: str, names: dict, reference: str | None = None) -> dict:
+    """The real-only candidate with the best VAL balanced accuracy (train/heads.py ``choose``; ``reference``: the
+    frozen base network, scored alongside): eval/candidates.json, published as a table artifact."""
     from tailforge.train.heads import choose
 
     r = RunDir(run)
-    res = choose(r, dict(names))
-    table(artifact_key(r, "candidates"), [{"head": h, "model": names[h], "val_balanced_acc": round(v, 4),
-                                           "chosen": h == res["chosen"]} for h, v in res["scores"].items()],
+    res = choose(r, dict(names), reference=reference)
+    rows = [{"head": h, "model": names[h], "val_balanced_acc": round(v, 4), "chosen": h == res["chosen"]}
+            for h, v in res["scores"].items()]
+    ref = res.get("reference")
+    if ref:
+        rows.append({"head": "(the base network's own head)", "model": ref["model"],
+                     "val_balanced_acc": round(ref["val_balanced_acc"], 4), "chosen": False})
+    table(artifact_key(r, "candidates"), rows,
           f"real-only candidates on the val split: {res['chosen']} is the control of every arm")
     return res
 

@@ -141,3 +141,26 @@ def test_cli_eval_compare_train(run3, capsys, tmp_path):
     cfg.write_text("trian:\n  epochs: 1\n")  # a misspelt section is named, not read as train keys
     assert main(["train", "--run", str(run3.root), "--config", str(cfg), "--name", "typo"]) == 2
     assert "unknown section 'trian'" in capsys.readouterr().err and not run3.model_dir("typo").exists()
+
+
+def test_a_base_network_stronger_on_val_than_every_head_is_a_second_control(run3, tmp_path):
+    """candidates.json scores the frozen base network's own head beside the re-trained heads; where it is the
+    stronger real-only model on VAL, the report measures the treated arm against it too, with an interval."""
+    from tailforge.train.heads import choose
+
+    run = RunDir(shutil.copytree(run3.root, tmp_path / "digits"))
+    val = {m: json.loads((run.model_dir(m) / "best.json").read_text())["val_balanced_acc"] for m in ("ce-s0", "bs-s0")}
+    if val["ce-s0"] == val["bs-s0"]:
+        pytest.skip("the two models tie on val: no stronger one to test with")
+    weak, strong = sorted(val, key=val.get)
+    res = choose(run, {"crt": weak}, reference=strong)
+    assert res["reference"] == {"model": strong, "val_balanced_acc": val[strong], "above": True}
+    assert choose(run, {"crt": strong}, reference=weak)["reference"]["above"] is False
+    choose(run, {"crt": weak}, reference=strong)
+    out = compare(run, names=[weak, "ce-s1", strong], lead=(weak, "ce-s1"))
+    md = out["markdown"]
+    assert "**Against the strongest real-only model on VAL:**" in md and f"`{strong}`" in md
+    g = out["room"]["against_reference"]
+    ev = {m: json.loads((run.eval_dir / f"{m}-test.json").read_text())["balanced_acc"] for m in ("ce-s1", strong)}
+    assert g["model"] == strong and g["value"] == pytest.approx(100 * (ev["ce-s1"] - ev[strong]), abs=1e-6)
+    assert g["low"] <= g["value"] <= g["high"] and f"scored {100 * val[strong]:.2f}" in md

@@ -202,6 +202,32 @@ def test_room_plan_measures_the_learning_curve_then_splits_the_budget_by_it(harn
     assert (Path(cfg.run) / "models" / "headroom-f50" / "model.safetensors").exists()
 
 
+def test_real_only_heads_are_chosen_on_val_beside_the_base_network(harness, tmp_path):
+    """recipe.candidates: each head trained on the base's frozen features, the VAL-best named the control of every
+    arm; the base network's own head is scored too, and where it is stronger on VAL the report measures
+    rebalanced against it as well."""
+    from tailforge.data import read_json
+
+    cfg = tiny_config(tmp_path / "heads", recipe={"stage": "crt", "candidates": ["crt", "la"]},
+                      generate={"generator": "featcov", "feature_model": "backbone"})
+    state = run_benchmark(cfg)
+    assert state.is_completed(), state.message
+    run = Path(cfg.run)
+    cand = read_json(run / "eval" / "candidates.json")
+    assert set(cand["scores"]) == {"crt", "la"} and cand["scores"][cand["chosen"]] == max(cand["scores"].values())
+    assert all((run / "models" / f"real-only-{h}" / "model.safetensors").exists() for h in ("crt", "la"))
+    ref = cand["reference"]  # the frozen base: the default recipe's class-balanced backbone
+    assert ref["model"] == cfg.crt_base == "backbone"
+    assert ref["above"] == (ref["val_balanced_acc"] > max(cand["scores"].values()))
+    assert ref["val_balanced_acc"] == read_json(run / "models" / "backbone" / "best.json")["val_balanced_acc"]
+    report = (run / "eval" / "report.md").read_text()
+    assert f"**Real-only control:** the head `{cand['chosen']}`" in report and "own head (`backbone`)" in report
+    assert ("**Against the strongest real-only model on VAL:**" in report) == ref["above"]
+    assert (run / "eval" / "backbone-test.json").exists() == ref["above"]  # evaluated where it is the control
+    assert read_json(run / "models" / "real-only" / "config.json")["identity"] == \
+        read_json(run / "models" / f"real-only-{cand['chosen']}" / "config.json")["identity"]
+
+
 def test_second_run_is_served_from_the_run_folder(finished):
     cfg, first = finished
     run = Path(cfg.run)

@@ -156,9 +156,11 @@ def test_heads_on_cached_features_and_the_val_choice(digits_run_copy):
     assert (cache[0] / ".integrity.json").is_file()
     meta = json.loads((run.model_dir("real-only-taunorm") / "config.json").read_text())["meta"]
     assert meta["tau_norm"]["tau_chosen_on"] == "val" and len(meta["tau_norm"]["grid"]) == 21
-    res = choose(run, names)
+    res = choose(run, names, reference="base")  # the base network's own head: scored beside the heads, not chosen
     scores = {h: json.loads((run.model_dir(n) / "best.json").read_text())["val_balanced_acc"] for h, n in names.items()}
     assert res["scores"] == scores and scores[res["chosen"]] == max(scores.values())
+    base_val = json.loads((run.model_dir("base") / "best.json").read_text())["val_balanced_acc"]
+    assert res["reference"] == {"model": "base", "val_balanced_acc": base_val, "above": base_val > max(scores.values())}
     assert json.loads((run.eval_dir / "candidates.json").read_text())["chosen"] == res["chosen"]
     # a damaged cache is reported and recomputed, not trusted
     f = cache[0] / "features.npy"

@@ -96,13 +96,15 @@ def finish(model, task, val_y: np.ndarray, cfg, meta: dict, state: dict, score) 
         state["best"].update({k: chosen[k] for k in ("val_balanced_acc", "val_top1", "tau", "tau_chosen_on")})
 
 
-
-
-
-def choose(run, names: dict[str, str], split: str = "val") -> dict:
+def choose(run, names: dict[str, str], split: str = "val", reference: str | None = None) -> dict:
     """The real-only candidate with the best VAL balanced accuracy (its model's ``best.json``: the selected epoch,
     after the post-hoc choices), written to ``eval/candidates.json``: ``{"chosen", "split", "scores", "models"}``.
-    ``names``: head -> model name. Ties go to the earlier head in ``names``."""
+    ``names``: head -> model name. Ties go to the earlier head in ``names``.
+
+    ``reference``: the frozen base network (the fine-tuned backbone with its own, jointly trained head). It is a
+    real-only model too but not a head that can be re-trained on synthetic features, so it is scored, not chosen:
+    ``"reference": {"model", "val_balanced_acc", "above"}`` (above: it beats the chosen head on VAL), and the
+    report then also measures ``rebalanced`` against it (eval/room.py ``room_report``)."""
     from tailforge.data.atomic import read_json, write_json
     from tailforge.data.errors import TailforgeError
 
@@ -118,6 +120,10 @@ def choose(run, names: dict[str, str], split: str = "val") -> dict:
         scores[head] = float(b["val_balanced_acc"])
     best = max(scores, key=lambda h: (scores[h], -list(names).index(h)))
     out = {"chosen": best, "split": split, "metric": "balanced_acc", "scores": scores, "models": dict(names)}
+    f = run.model_dir(reference) / "best.json" if reference else None
+    if f is not None and f.is_file() and read_json(f).get("split", split) == split:
+        v = float(read_json(f)["val_balanced_acc"])
+        out["reference"] = {"model": reference, "val_balanced_acc": v, "above": v > scores[best]}
     write_json(run.eval_dir / "candidates.json", out)
     return out
 __all__ = ["HEADS", "TAU_GRID", "tau_normalise", "choose_tau", "finish", "choose"]
