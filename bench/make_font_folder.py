@@ -63,18 +63,22 @@ def main(argv=None) -> None:
     ap.add_argument("out")
     ap.add_argument("--per-class", type=int, default=1300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--letters", default=LETTERS, help="the classes, one letter each (default: ten look-alikes; "
+                    "abcdefghijklmnopqrstuvwxyz for a 26-class folder)")
     a = ap.parse_args(argv)
     fs = fonts()
     if not fs:
         raise SystemExit("no TrueType fonts found: apt-get install fonts-dejavu-core (or pip install matplotlib)")
     out = Path(a.out)
-    for c, letter in enumerate(LETTERS):
+    if len(set(a.letters)) != len(a.letters) or not a.letters.isalpha():
+        raise SystemExit(f"--letters {a.letters!r}: give distinct letters, e.g. abcdefghijklmnopqrstuvwxyz")
+    for c, letter in enumerate(a.letters):
         rng = np.random.default_rng([a.seed, c])
         d = out / letter
         d.mkdir(parents=True, exist_ok=True)
         for i in range(a.per_class):
             Image.fromarray(render(letter, fs[int(rng.integers(len(fs)))], rng)).save(d / f"{i:05d}.png")
-    print(f"{len(LETTERS)} classes x {a.per_class} images from {len(fs)} fonts -> {out}")
+    print(f"{len(a.letters)} classes x {a.per_class} images from {len(fs)} fonts -> {out}")
 
 
 if __name__ == "__main__":

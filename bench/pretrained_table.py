@@ -42,7 +42,7 @@ ARMS = ("baseline", "real-only", "rebalanced", "oracle")
 
 def one(ds: str, seed: int, a) -> dict | None:
     run = Path(a.runs) / f"{ds}-s{seed}"
-    sets = [s.format(ffold=a.ffold, letters=a.letters) for s in DATASETS[ds]]
+    sets = [s.format(ffold=a.ffold, letters=a.letters, letters26=a.letters26) for s in DATASETS[ds]]
     sets = [s for s in sets if not s.startswith("data.image_size")]  # the recipe's own input size (64 px)
     sets += [f"data.seed={seed}", f"train.seed={seed}", f"generate.seed={seed}"]
     if ds in LARGE:
@@ -145,6 +145,7 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", default="runs/pretrained")
     ap.add_argument("--ffold", default="/tmp/ffold")
     ap.add_argument("--letters", default="/tmp/letters")
+    ap.add_argument("--letters26", default="/tmp/letters26")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ft-epochs-large", type=int, default=2, help="fine-tune epochs on Fashion-MNIST-LT (CPU budget)")
     ap.add_argument("--small", default="bench/results/room_table.json", help="the small-images recipe's results")

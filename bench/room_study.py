@@ -255,6 +255,7 @@ def main(argv=None) -> None:
 
 
 LABELS = {"pretrained/ffold": "pretrained: Fashion-MNIST folder", "pretrained/letters": "pretrained: letters",
+          "pretrained/letters26": "pretrained: letters, 26 classes",
           "pretrained/fmnist100": "pretrained: Fashion-MNIST-LT IF 100", "pretrained/fmnist10":
           "pretrained: Fashion-MNIST-LT IF 10", "digits100": "small-images: digits IF 100",
           "digits50": "small-images: digits IF 50", "small/letters": "small-images: letters",
