@@ -42,14 +42,14 @@ def _collect(items, split: str) -> list[dict]:
                 from .evaluate import evaluate
 
                 found.append(evaluate(run, model, split))
-            else:
-                found.append(read_json(path))
+            else:  # the folder it was read from, not the one it was evaluated in (a moved or copied run)
+                found.append({**read_json(path), "run": str(run.root)})
         elif p.is_dir():
             jsons = sorted((p / "eval").glob(f"*-{split}.json"))
             if not jsons:
                 raise TailforgeError(f"run {p} has no evaluations on {split}",
                                      f"run `tailforge eval --run {p} --model-name M --split {split}` first")
-            found += [read_json(j) for j in jsons]
+            found += [{**read_json(j), "run": str(RunDir(p).root)} for j in jsons]
         else:
             raise TailforgeError(f"'{item}' is neither a run folder, RUN:MODEL nor an eval JSON", "check the path")
     found = [d for d in found if d.get("split") == split and "top1" in d]

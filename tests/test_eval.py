@@ -148,7 +148,7 @@ def test_a_base_network_stronger_on_val_than_every_head_is_a_second_control(run3
     stronger real-only model on VAL, the report measures the treated arm against it too, with an interval."""
     from tailforge.train.heads import choose
 
-    run = RunDir(shutil.copytree(run3.root, tmp_path / "digits"))
+    run = RunDir(shutil.copytree(run3.root, tmp_path / "digits"))  # a copied run: its own files are read, not run3's
     val = {m: json.loads((run.model_dir(m) / "best.json").read_text())["val_balanced_acc"] for m in ("ce-s0", "bs-s0")}
     if val["ce-s0"] == val["bs-s0"]:
         pytest.skip("the two models tie on val: no stronger one to test with")
