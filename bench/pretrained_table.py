@@ -139,7 +139,7 @@ def table(res: dict, small: dict, a) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", nargs="+", default=["ffold", "letters", "fmnist100", "fmnist10"],
+    ap.add_argument("--datasets", nargs="+", default=["ffold", "letters", "fmnist100", "fmnist10", "letters26"],
                     choices=list(DATASETS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", default="runs/pretrained")

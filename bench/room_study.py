@@ -175,7 +175,7 @@ def mean(xs) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pretrained", nargs="*", default=["ffold", "letters", "fmnist100", "fmnist10"])
+    ap.add_argument("--pretrained", nargs="*", default=["ffold", "letters", "fmnist100", "fmnist10", "letters26"])
     ap.add_argument("--digits", type=int, nargs="*", default=[100, 50], help="digits imbalance factors")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", default="runs")
