@@ -247,7 +247,8 @@ def _benchmark_steps(cfg: RunConfig) -> dict:
     logger = get_run_logger()
     call(train_task, run, cfg.real_only_train(), cfg.real_only)
     names = [cfg.baseline, cfg.real_only, cfg.rebalanced]
-    ref = (read_json(cfg.run_dir.eval_dir / "candidates.json").get("reference") or {}) if cfg.recipe.candidates else {}
+    cand = cfg.run_dir.eval_dir / "candidates.json"
+    ref = (read_json(cand).get("reference") or {}) if cfg.recipe.candidates and cand.is_file() else {}
     if ref.get("above") and ref["model"] not in names:  # the stronger real-only model on VAL: on the report too
         names.append(ref["model"])
     why = oracle_blocker(cfg)
