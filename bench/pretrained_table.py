@@ -148,7 +148,8 @@ def main(argv=None) -> None:
     ap.add_argument("--letters26", default="/tmp/letters26")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ft-epochs-large", type=int, default=2, help="fine-tune epochs on Fashion-MNIST-LT (CPU budget)")
-    ap.add_argument("--small", default="bench/results/room_table.json", help="the small-images recipe's results")
+    ap.add_argument("--small", nargs="+", default=["bench/results/room_table.json",
+                    "bench/results/room_table_letters26.json"], help="the small-images recipe's results")
     ap.add_argument("--out", default="bench/results/pretrained_table")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="one more run setting for every run "
                     "(repeatable), e.g. train.hflip=false; use its own --runs and --out")
@@ -162,7 +163,7 @@ def main(argv=None) -> None:
             row = collect(Path(a.runs) / f"{ds}-s{s}") if a.collect_only else one(ds, s, a)
             if row is not None:
                 res.setdefault(ds, []).append({"seed": s, **row})
-    small_all = json.loads(Path(a.small).read_text()) if Path(a.small).exists() else {}
+    small_all = {ds: rows for f in a.small if Path(f).exists() for ds, rows in json.loads(Path(f).read_text()).items()}
     small = {ds: [r for r in small_all.get(ds, []) if r["seed"] in {x["seed"] for x in res[ds]}] for ds in res}
     md = ("# The pretrained recipe vs the small-images recipe (`bench/pretrained_table.py`)\n\n"
           "`tailforge run --config flows/recipes/pretrained.yaml`, one run folder per dataset and seed (data, train "

@@ -177,6 +177,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pretrained", nargs="*", default=["ffold", "letters", "fmnist100", "fmnist10", "letters26"])
     ap.add_argument("--digits", type=int, nargs="*", default=[100, 50], help="digits imbalance factors")
+    ap.add_argument("--small-kept", nargs="*", default=["letters26"], help="small-images datasets whose runs are kept "
+                    "(bench/room_table.py --runs runs/room): scored on every candidate, with per-class ranks")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--make", action="store_true", help="make missing headroom models / digits runs")
@@ -204,6 +206,16 @@ def main(argv=None) -> None:
                 continue
             res.setdefault(f"digits{imb}", []).append(collect(run))
     res.update(small_rows(Path("bench/results/room_table.json")))
+    for ds in a.small_kept:  # after the stored rows: a kept run is scored on every candidate
+        for s in a.seeds:
+            run = Path(a.runs) / "room" / f"{ds}-s{s}"
+            if not (run / "eval" / "oracle-test.json").exists():
+                continue
+            if a.make:
+                make_pretrained(run)  # the same two steps: the quarter-data point and the oracle on VAL
+            if load_pred(RunDir(run), "oracle", "val") is None:
+                continue
+            res.setdefault(f"small/{ds}", []).append(collect(run))
     for ds, rows in res.items():
         print(f"{ds}: {len(rows)} runs", flush=True)
     cands = {**{f"{n}, scaled": evaluate_candidate(res, n) for n in CANDIDATES},
@@ -255,7 +267,7 @@ def main(argv=None) -> None:
 
 
 LABELS = {"pretrained/ffold": "pretrained: Fashion-MNIST folder", "pretrained/letters": "pretrained: letters",
-          "pretrained/letters26": "pretrained: letters, 26 classes",
+          "pretrained/letters26": "pretrained: letters, 26 classes", "small/letters26": "small-images: letters, 26 classes",
           "pretrained/fmnist100": "pretrained: Fashion-MNIST-LT IF 100", "pretrained/fmnist10":
           "pretrained: Fashion-MNIST-LT IF 10", "digits100": "small-images: digits IF 100",
           "digits50": "small-images: digits IF 50", "small/letters": "small-images: letters",
