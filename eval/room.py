@@ -45,10 +45,10 @@ datasets (``calibration``: ± spread × the bootstrap se, spread a split-conform
 studentized errors over other datasets' runs, and optionally a scale factor as Mahmood et al. fit one).
 
 The default, ``scale`` on the half-data point alone, with no scale factor and a spread of 4.77, was chosen
-on VAL against the exact oracle room, leave one dataset out, over eleven datasets × seeds of two recipes
+on VAL against the exact oracle room, leave one dataset out, over twelve datasets × seeds of two recipes
 (bench/results/room_study.md). The earlier default, ``power-span``, leaned up where the tail was large
 enough and under-shot by 3.7 and 8.2 points where it was tiny (digits IF 50 / 100: its span cap stops at doubling a
-class of 2 images); ``scale`` errs both ways, by 1.16 points on average.
+class of 2 images); ``scale`` errs both ways, by 1.13 points on average.
 """
 from __future__ import annotations
 
@@ -472,10 +472,10 @@ def room_report(run, split: str, control: str, treated: str | None, oracle: str 
                   f"{100 * hr.get('confidence', 0.9):.0f} % interval): **{hr['room']:+.1f} "
                   f"[{hr['low']:+.1f}, {hr['high']:+.1f}]** points"
                   + (f" (exact: {room['value']:+.1f})." if room else ".")
-                  + " Checked against the exact room on eleven datasets × seeds (bench/results/room_study.md), "
+                  + " Checked against the exact room on twelve datasets × seeds (bench/results/room_study.md), "
                   "the default estimate erred by about 1.2 points on average, as often low as high, and up to "
                   "3.6 (over) where a from-scratch recipe could not use the extra images at its fixed budget; "
-                  "its interval, widened by a spread fitted across datasets, held the exact room on 31 of 33 "
+                  "its interval, widened by a spread fitted across datasets, held the exact room on 33 of 36 "
                   "runs there: read it, not the point, before spending GPU hours."]
         per = per_class_lines(hr, ev[control], ev[o] if o else None, split)
         lines += per["lines"]
