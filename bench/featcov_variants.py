@@ -36,10 +36,12 @@ VARIANTS = {  # name -> generate.featcov settings (the recipe's default first)
 
 
 def linked(src: Path, dst: Path) -> None:
-    """A run folder that shares ``src``'s fine-tuned baseline and feature cache; everything else is its own."""
+    """A run folder that shares ``src``'s trained baseline (and the recipe's class-balanced backbone, where it has
+    one) and feature cache; everything else is its own."""
     (dst / "models").mkdir(parents=True, exist_ok=True)
-    if not (dst / "models" / "baseline").exists():
-        (dst / "models" / "baseline").symlink_to((src / "models" / "baseline").resolve())
+    for m in ("baseline", "backbone"):
+        if not (dst / "models" / m).exists() and (src / "models" / m).exists():
+            (dst / "models" / m).symlink_to((src / "models" / m).resolve())
     if not (dst / "features").exists() and (src / "features").exists():
         (dst / "features").symlink_to((src / "features").resolve())
 

@@ -10,8 +10,9 @@ config.yaml) runs again three times at ONE total budget, a quarter of what the s
   from train and val, the budget water-filled where the estimated gain per image is largest).
 
 The measured arm is the oracle (the long tail's held-back real images through the same plan, filter and
-recipe): what each split gives when the generator is perfect. Pretrained runs are linked copies (the fine-tuned
-baseline and its feature cache shared; heads re-trained), digits runs are re-made whole (seconds).
+recipe): what each split gives when the generator is perfect. Pretrained runs and bench/room_table.py's kept
+small-images runs (runs/room/) are linked copies (the trained baseline, backbone and feature cache shared; heads
+re-trained), digits runs are re-made whole (seconds).
 TEST balanced accuracy, the split the runs report; no setting here is chosen on it (the planner has none).
 
     python bench/room_plan.py --jobs 2
@@ -48,7 +49,7 @@ def tf(*args, log=None) -> None:
 def one(src: Path, target: str, out_runs: Path) -> dict:
     budget = int(round(read_json(src / "plan.json")["total"] / 4))
     dst = out_runs / f"{src.parent.name}-{src.name}-{target}"
-    if "pretrained" in str(src):
+    if "pretrained" in str(src) or src.parent.name == "room":  # runs whose trained backbones can be shared
         linked(src, dst)
     from tailforge.eval.config import CompareConfig
 
