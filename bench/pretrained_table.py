@@ -17,7 +17,9 @@ table says; the heads, the generator and the arms are the recipe's.
     python bench/make_fashion_folder.py /tmp/ffold && python bench/make_font_folder.py /tmp/letters
     python bench/pretrained_table.py --datasets ffold letters fmnist100 fmnist10 --seeds 0 1 2
 
-Runs go to runs/pretrained/<dataset>-s<seed> (finished runs are reused); results to
+The README's table was made at 64 px, before bench/pretrained_resolution.py chose 80 px on VAL (each row names its
+size; `--runs runs/pretrained-r80 --set train.input_size=80` gives the 80 px rows). Runs go to
+runs/pretrained/<dataset>-s<seed> (finished runs are reused); results to
 bench/results/pretrained_table.{md,json}.
 """
 from __future__ import annotations
@@ -69,6 +71,9 @@ def collect(run: Path, secs: float | None = None) -> dict | None:
             row[f"{k}_{g}"] = 100 * ev[k][g] if isinstance(ev[k].get(g), (int, float)) else None
     cand = read_json(r.eval_dir / "candidates.json")
     row["chosen"] = cand["chosen"]
+    import yaml
+
+    row["input_size"] = (yaml.safe_load((run / "config.yaml").read_text()).get("train") or {}).get("input_size")
     row["val"] = {h: 100 * v for h, v in cand["scores"].items()}
     base = read_json(r.model_dir("baseline") / "best.json")  # the fine-tuned network with its own (LA) head
     row["val"]["finetuned"] = 100 * base["val_balanced_acc"]
@@ -102,6 +107,8 @@ def table(res: dict, small: dict, a) -> str:
         cap = f"{100 * np.mean([r['gain'] for r in rows]) / np.mean([r['room'] for r in rows]):.0f} %" \
             if above_noise([r["room"] for r in rows]) else "– (room within seed noise)"
         ep = f", {a.ft_epochs_large} fine-tune epochs" if ds in LARGE else ""
+        px = sorted({r.get("input_size") for r in rows if r.get("input_size")})
+        ep = (f", {'/'.join(map(str, px))} px" if px else "") + ep
         out.append(f"| {ds} | **pretrained** ({len(rows)} seeds{ep}) | {m([r['real-only_test'] for r in rows])} "
                    f"({heads}) | {m([r['rebalanced_test'] for r in rows])} | {m([r['oracle_test'] for r in rows])} | "
                    f"{ms([r['room'] for r in rows])} | {ms([r['gain'] for r in rows])} | {cap} |")
