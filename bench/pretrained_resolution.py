@@ -158,13 +158,21 @@ def main(argv=None) -> None:
                      + (f"{speed[size]:.0f}" if size in speed else "–") + " | "
                      + (f"{proj / 60:.1f} min" + (" (measured)" if size in quiet else "") if np.isfinite(proj) else "–")
                      + " |")
-    ok = [s for s in a.sizes if np.isfinite(score[s]["mean_val"])
+    # compared on the same runs only: a size with fewer seeds than the others is shown, not chosen
+    full = max((sum(len(v) for v in res.get(s, {}).values()) for s in a.sizes), default=0)
+    for s in a.sizes:
+        score[s]["runs"] = sum(len(v) for v in res.get(s, {}).values())
+    ok = [s for s in a.sizes if np.isfinite(score[s]["mean_val"]) and score[s]["runs"] == full
           and not (np.isfinite(score[s]["projected_s"]) and score[s]["projected_s"] > BOUND_S)]
     chosen = max(ok, key=lambda s: score[s]["mean_val"]) if ok else None
     if ref_line:
         lines += ["", ref_line]
-    lines += ["", f"Chosen on VAL within the {BOUND_S // 60}-minute bound: **{chosen} px**" if chosen else
-              "", ""]
+    lines += ["", (f"Chosen on VAL within the {BOUND_S // 60}-minute bound, among the sizes run on every dataset and "
+                   f"seed ({full} runs): **{chosen} px**") if chosen else "", ""]
+    few = [s for s in a.sizes if 0 < score[s]["runs"] < full]
+    if few:
+        shown = ", ".join(f"{s} px ({score[s]['runs']} runs)" for s in few)
+        lines += [f"Run on fewer seeds (shown, not chosen): {shown}."]
     Path(a.out + ".md").write_text("\n".join(lines) + "\n")
     Path(a.out + ".json").write_text(json.dumps({"runs": {str(k): v for k, v in res.items()}, "score": score,
                                                  "chosen": chosen}, indent=1))
