@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from room_table import DATASETS, m, ms, tf  # noqa: E402  (the same datasets and the same runner)
@@ -71,8 +72,6 @@ def collect(run: Path, secs: float | None = None) -> dict | None:
             row[f"{k}_{g}"] = 100 * ev[k][g] if isinstance(ev[k].get(g), (int, float)) else None
     cand = read_json(r.eval_dir / "candidates.json")
     row["chosen"] = cand["chosen"]
-    import yaml
-
     row["input_size"] = (yaml.safe_load((run / "config.yaml").read_text()).get("train") or {}).get("input_size")
     row["val"] = {h: 100 * v for h, v in cand["scores"].items()}
     base = read_json(r.model_dir("baseline") / "best.json")  # the fine-tuned network with its own (LA) head

@@ -473,7 +473,7 @@ def room_report(run, split: str, control: str, treated: str | None, oracle: str 
                   f"[{hr['low']:+.1f}, {hr['high']:+.1f}]** points"
                   + (f" (exact: {room['value']:+.1f})." if room else ".")
                   + " Checked against the exact room on twelve datasets × seeds (bench/results/room_study.md), "
-                  "the default estimate erred by about 1.2 points on average, as often low as high, and up to "
+                  "the default estimate erred by about 1.1 points on average, as often low as high, and up to "
                   "3.6 (over) where a from-scratch recipe could not use the extra images at its fixed budget; "
                   "its interval, widened by a spread fitted across datasets, held the exact room on 33 of 36 "
                   "runs there: read it, not the point, before spending GPU hours."]
