@@ -82,17 +82,24 @@ def stamps(log: Path) -> tuple[float, float] | None:
     return sec(lines[-1]) - sec(start), sec(base) - sec(plan)
 
 
+def size_log(text: str) -> tuple[int, Path]:
+    """``--quiet SIZE=LOG``: a size in pixels and a flow log that exists (else argparse's one-line usage error)."""
+    size, eq, log = text.partition("=")
+    if not (eq and size.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not SIZE=LOG (e.g. 80=bench/results/pretrained_accept_80px.log)")
+    if not Path(log).is_file():
+        raise argparse.ArgumentTypeError(f"no flow log at {log!r}; give the log of a run made alone at {size} px")
+    return int(size), Path(log)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[48, 64, 80])
     ap.add_argument("--datasets", nargs="+", default=["ffold", "letters"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--ffold", default="/tmp/ffold")
-    ap.add_argument("--letters", default="/tmp/letters")
-    ap.add_argument("--letters26", default="/tmp/letters26")
-    ap.add_argument("--threads", type=int, default=2)
+    pt.folder_args(ap)
     ap.add_argument("--speed", action="store_true", help="measure training throughput at each size (side by side)")
-    ap.add_argument("--quiet", nargs="*", default=[], metavar="SIZE=LOG",
+    ap.add_argument("--quiet", nargs="*", default=[], metavar="SIZE=LOG", type=size_log,
                     help="the flow log of a run at SIZE px made alone on the machine (the issue's 10-class folder "
                          "command): its time is the measured cost, and it is the reference the other sizes project from")
     ap.add_argument("--collect-only", action="store_true", help="tabulate finished runs, run nothing")
@@ -111,7 +118,7 @@ def main(argv=None) -> None:
                 row["stamps"] = stamps(Path(str(run) + ".log"))
                 res.setdefault(size, {}).setdefault(ds, []).append({"seed": s, **row})
     speed = throughput(a.sizes) if a.speed else {}
-    quiet = {int(k): stamps(Path(v)) for k, v in (q.split("=", 1) for q in a.quiet)}
+    quiet = {k: stamps(v) for k, v in a.quiet}
     quiet = {k: v for k, v in quiet.items() if v}
     # the reference: a quiet run if given, else the quickest 64 px table run; split into the fine-tune (scales with
     # the throughput) and the rest

@@ -143,16 +143,21 @@ def table(res: dict, small: dict, a) -> str:
     return "\n".join(out) + "\n"
 
 
+def folder_args(ap: argparse.ArgumentParser) -> None:
+    """The folders' locations and the torch threads of each run (shared with bench/pretrained_resolution.py)."""
+    ap.add_argument("--ffold", default="/tmp/ffold", help="the Fashion-MNIST folder (bench/make_fashion_folder.py)")
+    ap.add_argument("--letters", default="/tmp/letters", help="the letters folder (bench/make_font_folder.py)")
+    ap.add_argument("--letters26", default="/tmp/letters26", help="the 26-letter folder")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each run")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["ffold", "letters", "fmnist100", "fmnist10", "letters26"],
                     choices=list(DATASETS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", default="runs/pretrained")
-    ap.add_argument("--ffold", default="/tmp/ffold")
-    ap.add_argument("--letters", default="/tmp/letters")
-    ap.add_argument("--letters26", default="/tmp/letters26")
-    ap.add_argument("--threads", type=int, default=2)
+    folder_args(ap)
     ap.add_argument("--ft-epochs-large", type=int, default=2, help="fine-tune epochs on Fashion-MNIST-LT (CPU budget)")
     ap.add_argument("--small", nargs="+", default=["bench/results/room_table.json",
                     "bench/results/room_table_letters26.json"], help="the small-images recipe's results")
