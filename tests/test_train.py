@@ -289,3 +289,34 @@ def test_balanced_epochs_give_real_only_and_rebalanced_the_same_budget():
     assert np.array_equal(epoch_indices("class_balanced", labels, 0, 3, n=150), epoch_indices("class_balanced", labels, 0, 3, n=150))
     assert len(epoch_indices("instance", labels, 0, 0, n=100)) == 100
     assert np.array_equal(np.sort(epoch_indices("instance", labels, 0, 0)), np.arange(len(labels)))
+
+
+
+def test_channels_last_on_cpu_learns_what_nchw_learns(digits_run_copy):
+    """train.channels_last (default on) trains in NHWC on CPU, 1.2-1.3x faster (bench/cpu_layout.py); the layouts
+    differ only in float rounding, so both learn the digits alike, and the NHWC model saves and reloads whole."""
+    run = digits_run_copy
+    val = read_manifest(run.real).query("split == 'val'")
+    x, y = load_images(val["uri"], run.root, 1, (8, 8)), val["label"].to_numpy()
+    best = {}
+    for on in (True, False):
+        path = train.fit(run, train.TrainConfig(**{**FAST, "epochs": 6}, channels_last=on), f"nhwc-{on}")
+        best[on] = json.loads((path / "best.json").read_text())["val_balanced_acc"]
+        model, meta = train.load_model(path)
+        pred = train.predict_proba(model, meta, x).argmax(1)
+        assert np.mean([(pred[y == c] == c).mean() for c in range(10)]) == pytest.approx(best[on], abs=1e-5)
+    assert min(best.values()) > 0.4 and abs(best[True] - best[False]) < 0.1, best
+
+
+def test_channels_last_keeps_nchw_where_onednn_breaks(digits_run_copy):
+    """oneDNN computes a strided 1x1 conv's weight gradient wrong in NHWC below its channel block (oneDNN#6035; here
+    CifarResNet width 4 aborted with a corrupted heap): such a model stays NCHW and trains; wider ones go NHWC."""
+    from tailforge.train.models import use_nhwc
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    narrow, wide = (create_model("resnet32", 10, 1, 8, width=w) for w in (4, 16))
+    assert not use_nhwc(narrow, True, True, cpu) and use_nhwc(wide, True, True, cpu)
+    assert not use_nhwc(wide, False, True, cpu) and use_nhwc(narrow, False, True, cuda)  # GPU: amp decides
+    path = train.fit(digits_run_copy, train.TrainConfig(**{**FAST, "model": "resnet32", "width": 4, "epochs": 2},
+                                                        channels_last=True), "narrow")
+    assert json.loads((path / "best.json").read_text())["val_balanced_acc"] > 0.1

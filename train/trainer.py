@@ -41,7 +41,8 @@ from .kd import KD_LOSSES, build_kd, class_prototypes, feature_map_or_error, gro
     PatchKD
 from .losses import LOSSES, build_loss, supcon
 from .lossaug import LossGuided, gather_update
-from .models import MODELS, TIMM_MODELS, create_model, load_pretrained, make_head, param_groups, pretrained_norm
+from .models import (MODELS, TIMM_MODELS, create_model, load_pretrained, make_head, param_groups, pretrained_norm,
+                     use_nhwc)
 from .weights import check_arch, resolve as resolve_weights
 from .samplers import SAMPLERS, epoch_indices, shard_indices
 from . import tb
@@ -164,7 +165,7 @@ class ImageTask:
         self.val_images = val_images
         self.mean = torch.tensor(meta["mean"], device=dev).view(1, -1, 1, 1)
         self.std = torch.tensor(meta["std"], device=dev).view(1, -1, 1, 1)
-        self.channels_last = dev.type == "cuda" and cfg.amp
+        self.channels_last = use_nhwc(model, cfg.channels_last, cfg.amp, dev)
         self.patch = None  # PatchKD (train/kd.py) when cfg.kd_patch > 0
         self.policy: LossGuided | None = None  # aug_policy loss_guided (set by fit)
 
@@ -390,7 +391,7 @@ def _setup(run: RunDir, cfg: TrainConfig, dev: torch.device):
                 "input_size": model.input_size, "mean": mean, "std": std, "feature_dim": model.feature_dim,
                 "class_names": info["class_names"], "head": loss_head, "scale": cfg.scale, "width": cfg.width}
         model = model.to(dev)
-        if dev.type == "cuda" and cfg.amp:
+        if use_nhwc(model, cfg.channels_last, cfg.amp, dev):
             model = model.to(memory_format=torch.channels_last)
         teacher = None
         if cfg.teacher:

@@ -1,0 +1,157 @@
+"""Channels-last (NHWC) training on CPU: how much faster is it, and does the model learn the same?
+
+`train.channels_last` (default on) keeps the augmented images and the conv weights channels-last when training on
+CPU (on GPU `train.amp` decides, as before). Inference needed nothing: `train/checkpoint.py` turns uint8 N x H x W x C
+images into N x C x H x W by a permute, which is channels-last already; the trainer lost that layout in its
+augmentation (`grid_sample` returns NCHW). This measures both layouts side by side in one run:
+
+* **steps**: one training step (forward + backward + SGD, batch 64) of the product's models
+  (`tailforge.train.models.create_model`: `tiny` at 28 px, `resnet32` at 32 px, `tf_efficientnet_lite0` at 64 and
+  80 px), NCHW and NHWC interleaved round by round in one process, so load on a shared machine hits both alike;
+* **the product's path**: `tailforge train` as a fresh process on a measured run (the Fashion-MNIST folder, IF 50),
+  `--no-channels-last` then `--channels-last` for each seed: the small-images model (`tiny`, 28 px) and the
+  pretrained recipe's fine-tune (EfficientNet-Lite0 from its ImageNet weights at 80 px, epochs cut for time); the
+  wall time of the command (median over seeds) and the VAL balanced accuracy of each model. The layouts differ
+  only in float rounding (these networks' gradients move as much under a 1e-6 change of the input), so the
+  accuracies must agree as two seeds do, not digit for digit.
+
+    python bench/make_fashion_folder.py /tmp/ffold
+    python bench/cpu_layout.py --threads 2                 # writes bench/results/cpu_layout.{md,json}
+
+Ratios only: absolute times on a shared 2-core machine say little.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_CASES = [("tiny", 1, 28), ("resnet32", 3, 32), ("tf_efficientnet_lite0", 3, 64), ("tf_efficientnet_lite0", 3, 80)]
+
+
+def steps(threads: int, batch: int = 64, rounds: int = 4) -> list[dict]:
+    """Training-step throughput of each model in both layouts, interleaved (round 0 is warm-up)."""
+    from tailforge.train.models import create_model
+
+    torch.set_num_threads(threads)
+    out = []
+    for arch, ch, size in STEP_CASES:
+        nets = {}
+        for nhwc in (False, True):
+            torch.manual_seed(0)
+            m = create_model(arch, 10, ch, size, input_size=size)
+            nets[nhwc] = (m.to(memory_format=torch.channels_last) if nhwc else m, None)
+            nets[nhwc] = (nets[nhwc][0], torch.optim.SGD(nets[nhwc][0].parameters(), lr=0.01, momentum=0.9))
+        x, y = torch.randn(batch, ch, size, size), torch.randint(0, 10, (batch,))
+        t = {k: 0.0 for k in nets}
+        for r in range(rounds + 1):
+            for nhwc, (m, opt) in nets.items():
+                xx = x.contiguous(memory_format=torch.channels_last) if nhwc else x
+                m.train()
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(m(xx), y).backward()
+                opt.step()
+                if r:
+                    t[nhwc] += time.perf_counter() - t0
+        row = {"model": arch, "size": size, "batch": batch,
+               "train_img_s": {"nchw": batch * rounds / t[False], "nhwc": batch * rounds / t[True]}}
+        row["train_ratio"] = t[False] / t[True]
+        print(f"{arch} {size} px: training step x{row['train_ratio']:.2f}", flush=True)
+        out.append(row)
+    return out
+
+
+def tf(*args, threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tailforge.flows.cli", *args], check=True, env=env, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+TRAIN_CASES = {  # the small-images model and the pretrained recipe's fine-tune (epochs cut for time; same both ways)
+    "tiny 28 px, 10 epochs": ["--model", "tiny", "--epochs", "10", "--loss", "logit_adjust"],
+    "lite0 80 px (ImageNet weights), 3 epochs": ["--model", "tf_efficientnet_lite0", "--pretrained",
+                                                 "efficientnet-lite0", "--input-size", "80", "--epochs", "3",
+                                                 "--loss", "logit_adjust", "--transfer-backbone-lr-mult", "0.1"],
+}
+
+
+def product(folder: str, run: Path, threads: int, seeds: list[int]) -> dict:
+    """`tailforge train` in both layouts, one after the other for each seed, on a measured run of ``folder``."""
+    from tailforge.data import read_json
+
+    if not (run / "counts.json").exists():
+        tf("measure", "--run", str(run), "--dataset", "imagefolder", "--root", folder, "--imbalance", "50",
+           threads=threads)
+    res = {}
+    for case, args in TRAIN_CASES.items():
+        rows = {"nchw": [], "nhwc": []}
+        for seed in seeds:
+            for lay, flag in (("nchw", "--no-channels-last"), ("nhwc", "--channels-last")):
+                name = f"{lay}-{case.split()[0]}-s{seed}"
+                dt = tf("train", "--run", str(run), "--name", name, *args, flag, "--overwrite", "--seed", str(seed),
+                        "--no-tensorboard", threads=threads)
+                val = round(100 * read_json(run / "models" / name / "best.json")["val_balanced_acc"], 2)
+                rows[lay].append({"seed": seed, "seconds": dt, "val_balanced_accuracy": val})
+                print(f"{case} {lay} seed {seed}: {dt:.1f} s, VAL {val}", flush=True)
+        med = {k: float(np.median([x["seconds"] for x in v])) for k, v in rows.items()}
+        mean = {k: float(np.mean([x["val_balanced_accuracy"] for x in v])) for k, v in rows.items()}
+        res[case] = {"runs": rows, "median_s": med, "speedup": med["nchw"] / med["nhwc"], "val_mean": mean}
+    return res
+
+
+def report(st: list[dict], pr: dict, a) -> str:
+    md = ["# Channels-last (NHWC) training on CPU (`bench/cpu_layout.py`)", "",
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{a.threads} torch thread(s). Speed-up = NCHW time / NHWC time, measured side by side in one run; "
+          "> 1 means channels-last is faster.", "",
+          "## One training step of the product's models (batch 64, interleaved)", "",
+          "| model | input | NCHW | NHWC | speed-up |", "|---|---:|---:|---:|---:|"]
+    for r in st:
+        md.append(f"| {r['model']} | {r['size']} px | {r['train_img_s']['nchw']:.0f} img/s | "
+                  f"{r['train_img_s']['nhwc']:.0f} img/s | ×{r['train_ratio']:.2f} |")
+    if pr:
+        md += ["", f"## `tailforge train` on the Fashion-MNIST folder (IF 50), seeds {', '.join(map(str, a.seeds))}",
+               "", "| model | NCHW (median) | NHWC (median) | speed-up | VAL balanced accuracy NCHW / NHWC per seed "
+               "| mean NCHW / NHWC |", "|---|---:|---:|---:|---|---|"]
+        for case, r in pr.items():
+            vals = " ; ".join(f"{x['val_balanced_accuracy']:.2f} / {y['val_balanced_accuracy']:.2f}"
+                              for x, y in zip(r["runs"]["nchw"], r["runs"]["nhwc"]))
+            md.append(f"| {case} | {r['median_s']['nchw']:.1f} s | {r['median_s']['nhwc']:.1f} s | "
+                      f"×{r['speedup']:.2f} | {vals} | {r['val_mean']['nchw']:.2f} / {r['val_mean']['nhwc']:.2f} |")
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--folder", default="/tmp/ffold", help="the Fashion-MNIST folder (bench/make_fashion_folder.py)")
+    ap.add_argument("--run", default="/tmp/tailforge-cpu-layout", help="run folder for the product-path part")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of each `tailforge train` pair")
+    ap.add_argument("--steps-only", action="store_true", help="skip the product-path part")
+    ap.add_argument("--out", default="bench/results/cpu_layout")
+    a = ap.parse_args(argv)
+    if not a.steps_only and not Path(a.folder).is_dir():
+        ap.error(f"no folder at {a.folder}: make it with `python bench/make_fashion_folder.py {a.folder}`, or "
+                 "pass --steps-only")
+    st = steps(a.threads)
+    pr = {} if a.steps_only else product(a.folder, Path(a.run), a.threads, a.seeds)
+    md = report(st, pr, a)
+    Path(a.out + ".md").write_text(md)
+    Path(a.out + ".json").write_text(json.dumps({"threads": a.threads, "steps": st, "product": pr}, indent=1))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
