@@ -8,6 +8,9 @@ augmentation (`grid_sample` returns NCHW). This measures both layouts side by si
 * **steps**: one training step (forward + backward + SGD, batch 64) of the product's models
   (`tailforge.train.models.create_model`: `tiny` at 28 px, `resnet32` at 32 px, `tf_efficientnet_lite0` at 64 and
   80 px), NCHW and NHWC interleaved round by round in one process, so load on a shared machine hits both alike;
+* **gradients**: one float32 backward pass in each layout against the same model in float64: NHWC must be as
+  close to it as NCHW (oneDNN#6035 gets a strided 1x1 conv's weight gradient wrong below 8/16 input channels; the
+  trainer keeps such a model NCHW, and the table shows it);
 * **the product's path**: `tailforge train` as a fresh process on a measured run (the Fashion-MNIST folder, IF 50),
   `--no-channels-last` then `--channels-last` for each seed: the small-images model (`tiny`, 28 px) and the
   pretrained recipe's fine-tune (EfficientNet-Lite0 from its ImageNet weights at 80 px, epochs cut for time); the
@@ -71,6 +74,40 @@ def steps(threads: int, batch: int = 64, rounds: int = 4) -> list[dict]:
     return out
 
 
+GRAD_CASES = [("tiny", 1, 8, 8), ("resnet32", 1, 8, 16), ("resnet32", 1, 8, 4), ("tf_efficientnet_lite0", 1, 28, None),
+              ("tf_efficientnet_lite0", 3, 32, None)]
+
+
+def gradients(threads: int) -> list[dict]:
+    """Are NHWC gradients right? Relative error of one float32 backward pass (eval mode, batch 16) against the same
+    model in float64 (native kernels), in each layout the trainer would use (a guarded model stays NCHW)."""
+    import copy
+
+    from tailforge.train.models import create_model, use_nhwc
+
+    torch.set_num_threads(threads)
+
+    def grads(m, x, y):
+        m.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        return torch.cat([p.grad.flatten().double() for p in m.parameters()])
+
+    out = []
+    for arch, ch, size, width in GRAD_CASES:
+        torch.manual_seed(0)
+        m = create_model(arch, 10, ch, size, width=width, input_size=80 if "lite" in arch else None).eval()
+        x, y = torch.randn(16, ch, size, size), torch.randint(0, 10, (16,))
+        ref = grads(copy.deepcopy(m).double(), x.double(), y)
+        err = {"nchw": float((grads(copy.deepcopy(m), x, y) - ref).norm() / ref.norm())}
+        if use_nhwc(m, True, True, torch.device("cpu")):
+            g = grads(copy.deepcopy(m).to(memory_format=torch.channels_last),
+                      x.contiguous(memory_format=torch.channels_last), y)
+            err["nhwc"] = float((g - ref).norm() / ref.norm())
+        out.append({"model": arch, "width": width, "channels": ch, "size": size, "error": err})
+        print(f"{arch} width {width}: gradient error {err}", flush=True)
+    return out
+
+
 def tf(*args, threads: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
@@ -111,7 +148,7 @@ def product(folder: str, run: Path, threads: int, seeds: list[int]) -> dict:
     return res
 
 
-def report(st: list[dict], pr: dict, a) -> str:
+def report(st: list[dict], gr: list[dict], pr: dict, a) -> str:
     md = ["# Channels-last (NHWC) training on CPU (`bench/cpu_layout.py`)", "",
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{a.threads} torch thread(s). Speed-up = NCHW time / NHWC time, measured side by side in one run; "
@@ -121,6 +158,14 @@ def report(st: list[dict], pr: dict, a) -> str:
     for r in st:
         md.append(f"| {r['model']} | {r['size']} px | {r['train_img_s']['nchw']:.0f} img/s | "
                   f"{r['train_img_s']['nhwc']:.0f} img/s | ×{r['train_ratio']:.2f} |")
+    md += ["", "## Are the NHWC gradients right? (float32 against the same model in float64, eval mode, batch 16)", "",
+           "| model | input | NCHW error | NHWC error |", "|---|---|---:|---:|"]
+    for r in gr:
+        e = r["error"]
+        md.append(f"| {r['model']}" + (f" width {r['width']}" if r["width"] else "") + f" | {r['channels']} x "
+                  f"{r['size']} px | {e['nchw']:.1e} | "
+                  + (f"{e['nhwc']:.1e} |" if "nhwc" in e else "stays NCHW (strided 1x1 conv on < 16 channels, "
+                     "oneDNN#6035) |"))
     if pr:
         md += ["", f"## `tailforge train` on the Fashion-MNIST folder (IF 50), seeds {', '.join(map(str, a.seeds))}",
                "", "| model | NCHW (median) | NHWC (median) | speed-up | VAL balanced accuracy NCHW / NHWC per seed "
@@ -146,10 +191,12 @@ def main(argv=None) -> None:
         ap.error(f"no folder at {a.folder}: make it with `python bench/make_fashion_folder.py {a.folder}`, or "
                  "pass --steps-only")
     st = steps(a.threads)
+    gr = gradients(a.threads)
     pr = {} if a.steps_only else product(a.folder, Path(a.run), a.threads, a.seeds)
-    md = report(st, pr, a)
+    md = report(st, gr, pr, a)
     Path(a.out + ".md").write_text(md)
-    Path(a.out + ".json").write_text(json.dumps({"threads": a.threads, "steps": st, "product": pr}, indent=1))
+    Path(a.out + ".json").write_text(json.dumps({"threads": a.threads, "steps": st, "gradients": gr, "product": pr},
+                                                indent=1))
     print(md)
 
 
