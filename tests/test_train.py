@@ -293,7 +293,7 @@ def test_balanced_epochs_give_real_only_and_rebalanced_the_same_budget():
 
 
 def test_channels_last_on_cpu_learns_what_nchw_learns(digits_run_copy):
-    """train.channels_last (default on) trains in NHWC on CPU, 1.2-1.3x faster (bench/cpu_layout.py); the layouts
+    """train.channels_last (opt-in) trains in NHWC on CPU, about 1.5x faster (bench/cpu_layout.py); the layouts
     differ only in float rounding, so both learn the digits alike, and the NHWC model saves and reloads whole."""
     run = digits_run_copy
     val = read_manifest(run.real).query("split == 'val'")

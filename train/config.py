@@ -218,9 +218,9 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="seed of initialisation, sampling and augmentation")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:1, ...")
     amp: bool = Field(True, description="bf16 autocast and channels_last on GPU (no effect on CPU)")
-    channels_last: bool = Field(True, description="train in channels-last (NHWC) on CPU: 1.2-1.3x faster there "
-                                "(bench/cpu_layout.py); models with a strided 1x1 conv on < 16 channels stay NCHW "
-                                "(oneDNN#6035); on GPU amp decides")
+    channels_last: bool = Field(False, description="train in channels-last (NHWC) on CPU: about 1.5x faster there, "
+                                "batch norm 10-80x less precise (bench/cpu_layout.py); models with a strided 1x1 conv "
+                                "on < 16 channels stay NCHW (oneDNN#6035); on GPU amp decides")
     eval_batch_size: int = Field(512, ge=1, description="batch size of validation/prediction")
     ddp: Literal["auto", "off"] = Field("auto", description="auto: train with torch DDP (torchrun, one process per "
                                         "GPU) when more than one GPU is visible, or when nproc > 1; off: one process")

@@ -240,8 +240,8 @@ def count_params(module: nn.Module) -> int:
 
 
 def use_nhwc(model: nn.Module, channels_last: bool, amp: bool, dev: torch.device) -> bool:
-    """Train in channels-last (NHWC)? On GPU when ``amp`` (as before); on CPU when ``channels_last`` (1.2-1.3x
-    faster there, bench/cpu_layout.py) and the model has no conv that oneDNN mis-handles in NHWC: a strided 1x1
+    """Train in channels-last (NHWC)? On GPU when ``amp`` (as before); on CPU when ``channels_last`` (opt-in: about
+    1.5x faster there, bench/cpu_layout.py) and the model has no conv that oneDNN mis-handles in NHWC: a strided 1x1
     conv with fewer input channels than its 8/16-channel block computes wrong weight gradients or corrupts the heap
     (uxlfoundation/oneDNN#6035, open; measured here: CifarResNet width 4 aborts). Such a model stays NCHW."""
     if dev.type == "cuda":
