@@ -219,7 +219,7 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:1, ...")
     amp: bool = Field(True, description="bf16 autocast and channels_last on GPU (no effect on CPU)")
     channels_last: bool = Field(False, description="train in channels-last (NHWC) on CPU: about 1.5x faster there, "
-                                "batch norm 10-80x less precise (bench/cpu_layout.py); models with a strided 1x1 conv "
+                                "batch norm 10-25x less precise (bench/cpu_layout.py); models with a strided 1x1 conv "
                                 "on < 16 channels stay NCHW (oneDNN#6035); on GPU amp decides")
     eval_batch_size: int = Field(512, ge=1, description="batch size of validation/prediction")
     ddp: Literal["auto", "off"] = Field("auto", description="auto: train with torch DDP (torchrun, one process per "
