@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from room_table import tf  # noqa: E402  (the bench's runner of `tailforge` commands)
+
 STEP_CASES = [("tiny", 1, 28), ("resnet32", 3, 32), ("tf_efficientnet_lite0", 3, 64), ("tf_efficientnet_lite0", 3, 80)]
 
 
@@ -54,8 +56,8 @@ def steps(threads: int, batch: int = 64, rounds: int = 4) -> list[dict]:
         for nhwc in (False, True):
             torch.manual_seed(0)
             m = create_model(arch, 10, ch, size, input_size=size)
-            nets[nhwc] = (m.to(memory_format=torch.channels_last) if nhwc else m, None)
-            nets[nhwc] = (nets[nhwc][0], torch.optim.SGD(nets[nhwc][0].parameters(), lr=0.01, momentum=0.9))
+            m = m.to(memory_format=torch.channels_last) if nhwc else m
+            nets[nhwc] = (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9))
         x, y = torch.randn(batch, ch, size, size), torch.randint(0, 10, (batch,))
         t = {k: 0.0 for k in nets}
         for r in range(rounds + 1):
@@ -143,11 +145,10 @@ def batchnorm(threads: int) -> list[dict]:
     return out
 
 
-def tf(*args, threads: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def timed_tf(*args, threads: int) -> float:
+    """Seconds of one `tailforge` command as a fresh process (bench/room_table.py's runner, output discarded)."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "tailforge.flows.cli", *args], check=True, env=env, cwd=ROOT,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tf(*args, threads=threads)
     return time.perf_counter() - t0
 
 
@@ -164,7 +165,7 @@ def product(folder: str, run: Path, threads: int, seeds: list[int]) -> dict:
     from tailforge.data import read_json
 
     if not (run / "counts.json").exists():
-        tf("measure", "--run", str(run), "--dataset", "imagefolder", "--root", folder, "--imbalance", "50",
+        timed_tf("measure", "--run", str(run), "--dataset", "imagefolder", "--root", folder, "--imbalance", "50",
            threads=threads)
     res = {}
     for case, args in TRAIN_CASES.items():
@@ -172,8 +173,8 @@ def product(folder: str, run: Path, threads: int, seeds: list[int]) -> dict:
         for seed in seeds:
             for lay, flag in (("nchw", "--no-channels-last"), ("nhwc", "--channels-last")):
                 name = f"{lay}-{case.split()[0]}-s{seed}"
-                dt = tf("train", "--run", str(run), "--name", name, *args, flag, "--overwrite", "--seed", str(seed),
-                        "--no-tensorboard", threads=threads)
+                dt = timed_tf("train", "--run", str(run), "--name", name, *args, flag, "--overwrite", "--seed",
+                              str(seed), "--no-tensorboard", threads=threads)
                 val = round(100 * read_json(run / "models" / name / "best.json")["val_balanced_acc"], 2)
                 rows[lay].append({"seed": seed, "seconds": dt, "val_balanced_accuracy": val})
                 print(f"{case} {lay} seed {seed}: {dt:.1f} s, VAL {val}", flush=True)
