@@ -96,27 +96,39 @@ def main(argv=None) -> None:
              "std over seeds; the last columns: room − balance and uniform − balance, mean over seeds [95 % t interval over "
              "seeds] (per seed).", "",
              "| data | seeds | budget | real-only | balance | uniform | room | room − balance | uniform − balance | "
-             "room at balance's full quota (4× the budget) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "room at balance's full quota (4× the budget) | left for a better split |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def tiv(d):  # mean, 95 % t interval over seeds, per-seed values
+    def half(d):  # half-width of the 95 % t interval of a mean over seeds
         from scipy.stats import t
 
-        h = t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+        return t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+
+    def tiv(d):  # mean, 95 % t interval over seeds, per-seed values
+        h = half(d)
         return f"{d.mean():+.2f} [{d.mean() - h:+.2f}, {d.mean() + h:+.2f}] ({' / '.join(f'{x:+.2f}' for x in d)})"
 
     def ms(v):
         v = np.asarray(v, float)
         return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
 
+    below = []  # datasets where less is left than a 3-seed interval can resolve
     for ds, by in res.items():
         acc = {t: [r["oracle"] for r in sorted(by[t], key=lambda r: r["seed"])] for t in TARGETS if t in by}
         d = np.array(acc["room"]) - np.array(acc["balance"])
         u = np.array(acc["uniform"]) - np.array(acc["balance"])
+        full = np.mean([r["full_room"] for r in by["balance"]])
+        quarter = np.mean(acc["balance"]) - np.mean([r["real-only"] for r in by["balance"]])
+        if full - quarter < half(d):
+            below.append(f"{ds} ({full - quarter:+.2f} left, ± {half(d):.2f})")
         lines.append(f"| {ds} | {len(d)} | {by['room'][0]['budget']} | {ms([r['real-only'] for r in by['balance']])} | "
                      + " | ".join(ms(acc[t]) for t in TARGETS) + f" | {tiv(d)} | {tiv(u)} | "
-                     + f"+{np.mean([r['full_room'] for r in by['balance']]):.2f} (quarter, balance-shaped: "
-                     + f"+{np.mean(acc['balance']) - np.mean([r['real-only'] for r in by['balance']]):.2f}) |")
+                     + f"+{full:.2f} (quarter, balance-shaped: +{quarter:.2f}) | {full - quarter:+.2f} |")
+    lines += ["", "Left for a better split = the room at balance's full quota − what balance-shaped quotas already took at "
+              "a quarter of it: roughly the most a better split of the quarter budget could add (a split could pass the "
+              "full quota's room only where balance's shape is far from the best). On "
+              f"{len(below)} of {len(res)} datasets it is below the half-width of room − balance's 95 % interval over "
+              "the seeds, so no split could show a gain there with these seeds: " + "; ".join(below) + "."]
     lines += ["", "How the room plans split their budget (seed 0 of each):", ""]
     for ds, by in res.items():
         lines.append(f"- {ds}: {by['room'][0]['note']}")
