@@ -2,7 +2,8 @@
 
 For each finished source run (the pretrained recipe's runs/pretrained/<ds>-s<seed>, and the default recipe on
 digits in runs/room-study/digits<IF>-s<seed>) the whole benchmark flow (`tailforge run`, the source run's own
-config.yaml) runs again three times at ONE total budget, a quarter of what the source's balance plan generates:
+config.yaml) runs again three times at ONE total budget, a quarter (``--fraction``) of what the source's balance plan
+generates:
 
 * ``balance``: balance's quotas capped to the budget (in proportion to each class's distance to the largest);
 * ``uniform``: the same number for every class below the largest;
@@ -46,9 +47,10 @@ def tf(*args, log=None) -> None:
                        stderr=subprocess.STDOUT, env=env)
 
 
-def one(src: Path, target: str, out_runs: Path) -> dict:
-    budget = int(round(read_json(src / "plan.json")["total"] / 4))
-    dst = out_runs / f"{src.parent.name}-{src.name}-{target}"
+def one(src: Path, target: str, out_runs: Path, fraction: float = 0.25) -> dict:
+    budget = int(round(read_json(src / "plan.json")["total"] * fraction))
+    tag = "" if fraction == 0.25 else f"-x{fraction:g}"  # the quarter's runs keep their names
+    dst = out_runs / f"{src.parent.name}-{src.name}-{target}{tag}"
     if "pretrained" in str(src) or src.parent.name == "room":  # runs whose trained backbones can be shared
         linked(src, dst)
     from tailforge.eval.config import CompareConfig
@@ -78,6 +80,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sources", nargs="*", default=None, help="source run folders (default: every finished one)")
     ap.add_argument("--out-runs", default="runs/room-plan")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--fraction", type=float, default=0.25, help="the budget: this share of balance's total quota")
     ap.add_argument("--out", default="bench/results/room_plan")
     a = ap.parse_args(argv)
     srcs = [Path(s) for s in a.sources] if a.sources else sorted(
@@ -85,18 +88,19 @@ def main(argv=None) -> None:
         if (p / "eval" / "oracle-test.json").exists())
     jobs = [(s, t) for s in srcs for t in TARGETS]
     with ThreadPoolExecutor(a.jobs) as ex:
-        rows = list(ex.map(lambda j: one(j[0], j[1], Path(a.out_runs)), jobs))
+        rows = list(ex.map(lambda j: one(j[0], j[1], Path(a.out_runs), a.fraction), jobs))
     res: dict = {}
     for (s, t), r in zip(jobs, rows):
         ds = f"{s.parent.name}/{s.name.rsplit('-s', 1)[0]}"
         res.setdefault(ds, {}).setdefault(t, []).append({"seed": int(s.name.rsplit("-s", 1)[1]), **r})
+    share = "a quarter" if a.fraction == 0.25 else f"{a.fraction:g}"
     lines = ["# Where to spend the budget: room-guided vs balance-shaped vs uniform quotas (`bench/room_plan.py`)", "",
-             "The oracle arm (perfect synthetic data: the tail's held-back real images) at ONE total budget per run, a "
-             "quarter of what the balance plan generates, split three ways. TEST balanced accuracy in points, mean ± "
+             "The oracle arm (perfect synthetic data: the tail's held-back real images) at ONE total budget per run, "
+             f"{share} of what the balance plan generates, split three ways. TEST balanced accuracy in points, mean ± "
              "std over seeds; the last columns: room − balance and uniform − balance, mean over seeds [95 % t interval over "
              "seeds] (per seed).", "",
              "| data | seeds | budget | real-only | balance | uniform | room | room − balance | uniform − balance | "
-             "room at balance's full quota (4× the budget) | left for a better split |",
+             f"room at balance's full quota ({1 / a.fraction:g}× the budget) | left for a better split |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def half(d):  # half-width of the 95 % t interval of a mean over seeds
@@ -123,9 +127,9 @@ def main(argv=None) -> None:
             below.append(f"{ds} ({full - quarter:+.2f} left, ± {half(d):.2f})")
         lines.append(f"| {ds} | {len(d)} | {by['room'][0]['budget']} | {ms([r['real-only'] for r in by['balance']])} | "
                      + " | ".join(ms(acc[t]) for t in TARGETS) + f" | {tiv(d)} | {tiv(u)} | "
-                     + f"+{full:.2f} (quarter, balance-shaped: +{quarter:.2f}) | {full - quarter:+.2f} |")
+                     + f"+{full:.2f} (at {share}, balance-shaped: +{quarter:.2f}) | {full - quarter:+.2f} |")
     lines += ["", "Left for a better split = the room at balance's full quota − what balance-shaped quotas already took at "
-              "a quarter of it: roughly the most a better split of the quarter budget could add (a split could pass the "
+              f"{share} of it: roughly the most a better split of this budget could add (a split could pass the "
               "full quota's room only where balance's shape is far from the best). On "
               f"{len(below)} of {len(res)} datasets it is below the half-width of room − balance's 95 % interval over "
               "the seeds, so no split could show a gain there with these seeds: " + "; ".join(below) + "."]
