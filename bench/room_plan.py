@@ -122,12 +122,12 @@ def main(argv=None) -> None:
         d = np.array(acc["room"]) - np.array(acc["balance"])
         u = np.array(acc["uniform"]) - np.array(acc["balance"])
         full = np.mean([r["full_room"] for r in by["balance"]])
-        quarter = np.mean(acc["balance"]) - np.mean([r["real-only"] for r in by["balance"]])
-        if full - quarter < half(d):
-            below.append(f"{ds} ({full - quarter:+.2f} left, ± {half(d):.2f})")
+        took = np.mean(acc["balance"]) - np.mean([r["real-only"] for r in by["balance"]])  # balance-shaped, this budget
+        if full - took < half(d):
+            below.append(f"{ds} ({full - took:+.2f} left, ± {half(d):.2f})")
         lines.append(f"| {ds} | {len(d)} | {by['room'][0]['budget']} | {ms([r['real-only'] for r in by['balance']])} | "
                      + " | ".join(ms(acc[t]) for t in TARGETS) + f" | {tiv(d)} | {tiv(u)} | "
-                     + f"+{full:.2f} (at {share}, balance-shaped: +{quarter:.2f}) | {full - quarter:+.2f} |")
+                     + f"+{full:.2f} (at {share}, balance-shaped: +{took:.2f}) | {full - took:+.2f} |")
     lines += ["", "Left for a better split = the room at balance's full quota − what balance-shaped quotas already took at "
               f"{share} of it: roughly the most a better split of this budget could add (a split could pass the "
               "full quota's room only where balance's shape is far from the best). On "
