@@ -108,6 +108,7 @@ def main(argv=None) -> None:
     res: dict = {}
     for size in a.sizes:
         ns = Namespace(runs=runs_dir(size), ffold=a.ffold, letters=a.letters, letters26=a.letters26,
+                       letters52=a.letters52,
                        ft_epochs_large=2, threads=a.threads, set=[f"train.input_size={size}", "compare.headroom=false"])
         for ds in a.datasets:
             for s in a.seeds:

@@ -45,7 +45,8 @@ ARMS = ("baseline", "real-only", "rebalanced", "oracle")
 
 def one(ds: str, seed: int, a) -> dict | None:
     run = Path(a.runs) / f"{ds}-s{seed}"
-    sets = [s.format(ffold=a.ffold, letters=a.letters, letters26=a.letters26) for s in DATASETS[ds]]
+    sets = [s.format(ffold=a.ffold, letters=a.letters, letters26=a.letters26, letters52=a.letters52)
+            for s in DATASETS[ds]]
     sets = [s for s in sets if not s.startswith("data.image_size")]  # the recipe's own input size (64 px)
     sets += [f"data.seed={seed}", f"train.seed={seed}", f"generate.seed={seed}"]
     if ds in LARGE:
@@ -148,6 +149,7 @@ def folder_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ffold", default="/tmp/ffold", help="the Fashion-MNIST folder (bench/make_fashion_folder.py)")
     ap.add_argument("--letters", default="/tmp/letters", help="the letters folder (bench/make_font_folder.py)")
     ap.add_argument("--letters26", default="/tmp/letters26", help="the 26-letter folder")
+    ap.add_argument("--letters52", default="/tmp/letters52", help="the 52-class folder (a..z, A..Z)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each run")
 
 

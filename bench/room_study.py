@@ -229,7 +229,8 @@ def mean(xs) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pretrained", nargs="*", default=["ffold", "letters", "fmnist100", "fmnist10", "letters26"])
+    ap.add_argument("--pretrained", nargs="*", default=["ffold", "letters", "fmnist100", "fmnist10", "letters26",
+                                                          "letters52"])
     ap.add_argument("--pretrained-dirs", nargs="*", default=["pretrained", "pretrained-ft10"],
                     help="folders under --runs with pretrained-recipe runs (pretrained-ft10: bench/pretrained_table.py "
                     "--ft-epochs-large 10, the recipe's fine-tune budget on the larger datasets); a dataset is keyed "
@@ -354,7 +355,8 @@ def main(argv=None) -> None:
 
 
 LABELS = {"pretrained/ffold": "pretrained: Fashion-MNIST folder", "pretrained/letters": "pretrained: letters",
-          "pretrained/letters26": "pretrained: letters, 26 classes", "small/letters26": "small-images: letters, 26 classes",
+          "pretrained/letters26": "pretrained: letters, 26 classes", "pretrained/letters52": "pretrained: letters, 52 "
+          "classes", "small/letters26": "small-images: letters, 26 classes",
           "pretrained/fmnist100": "pretrained: Fashion-MNIST-LT IF 100", "pretrained/fmnist10":
           "pretrained: Fashion-MNIST-LT IF 10", "digits100": "small-images: digits IF 100",
           "digits50": "small-images: digits IF 50", "small/letters": "small-images: letters",

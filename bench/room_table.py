@@ -48,6 +48,9 @@ DATASETS = {
     # 26 classes (25 topped up: enough for a per-class rank correlation): make_font_folder.py --letters a..z
     "letters26": ["data.dataset=imagefolder", "data.root={letters26}", "data.imbalance=50", "data.image_size=28",
                   "train.hflip=false"],
+    # 52 classes (a..z and A..Z, several pairs alike at 28 px): make_font_folder.py --per-class 800 --letters a..zA..Z
+    "letters52": ["data.dataset=imagefolder", "data.root={letters52}", "data.imbalance=50", "data.image_size=28",
+                  "train.hflip=false"],
 }
 
 
@@ -60,7 +63,8 @@ def tf(*args, log=None, threads=1) -> None:
 
 def one(ds: str, seed: int, a) -> dict:
     run = Path(a.runs) / f"{ds}-s{seed}"
-    sets = [s.format(ffold=a.ffold, letters=a.letters, letters26=a.letters26) for s in DATASETS[ds]]
+    sets = [s.format(ffold=a.ffold, letters=a.letters, letters26=a.letters26, letters52=a.letters52)
+            for s in DATASETS[ds]]
     sets += [f"data.seed={seed}", f"train.seed={seed}", f"generate.seed={seed}", "compare.headroom=true"]
     t0 = time.time()
     log = str(run) + ".log"
@@ -176,6 +180,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ffold", default="/tmp/ffold")
     ap.add_argument("--letters", default="/tmp/letters")
     ap.add_argument("--letters26", default="/tmp/letters26")
+    ap.add_argument("--letters52", default="/tmp/letters52")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads torch threads)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results/room_table")
