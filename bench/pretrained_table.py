@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from room_table import DATASETS, m, ms, tf  # noqa: E402  (the same datasets and the same runner)
+from room_table import DATASETS, dataset_sets, m, ms, tf  # noqa: E402  (the same datasets and the same runner)
 
 from tailforge.data import RunDir, read_json  # noqa: E402
 
@@ -45,9 +45,7 @@ ARMS = ("baseline", "real-only", "rebalanced", "oracle")
 
 def one(ds: str, seed: int, a) -> dict | None:
     run = Path(a.runs) / f"{ds}-s{seed}"
-    sets = [s.format(ffold=a.ffold, letters=a.letters, letters26=a.letters26, letters52=a.letters52)
-            for s in DATASETS[ds]]
-    sets = [s for s in sets if not s.startswith("data.image_size")]  # the recipe's own input size (64 px)
+    sets = [s for s in dataset_sets(ds, a) if not s.startswith("data.image_size")]  # the recipe's own input size (64 px)
     sets += [f"data.seed={seed}", f"train.seed={seed}", f"generate.seed={seed}"]
     if ds in LARGE:
         sets.append(f"train.epochs={a.ft_epochs_large}")

@@ -170,9 +170,9 @@ def evaluate_candidate(res: dict, name: str, scale: bool = True) -> dict:
     return out
 
 
-def _err(datasets: dict, key: str) -> dict:
-    """|3-seed mean calibrated estimate - 3-seed mean exact room| per dataset (key: "val" or "test")."""
-    return {ds: abs(mean([r["cal"] for r in d["runs"]]) - mean([r[key] for r in d["runs"]]))
+def _err(datasets: dict, key: str, est: str = "cal") -> dict:
+    """|3-seed mean estimate - 3-seed mean exact room| per dataset (key: "val" or "test"; est: "cal" or "raw")."""
+    return {ds: abs(mean([r[est] for r in d["runs"]]) - mean([r[key] for r in d["runs"]]))
             for ds, d in datasets.items()}
 
 
@@ -292,9 +292,9 @@ def main(argv=None) -> None:
     summary = {}
     for n, c in cands.items():
         ds = c["datasets"]
-        raw_err = [abs(mean([r["raw"] for r in d["runs"]]) - mean([r["val"] for r in d["runs"]])) for d in ds.values()]
-        cal_err = [abs(mean([r["cal"] for r in d["runs"]]) - mean([r["val"] for r in d["runs"]])) for d in ds.values()]
-        cal_test = [abs(mean([r["cal"] for r in d["runs"]]) - mean([r["test"] for r in d["runs"]])) for d in ds.values()]
+        raw_err = list(_err(ds, "val", "raw").values())
+        cal_err = list(_err(ds, "val").values())
+        cal_test = list(_err(ds, "test").values())
         runs = [r for d in ds.values() for r in d["runs"]]
         summary[n] = {"datasets": len(ds), "raw_err_val": mean(raw_err), "cal_err_val": mean(cal_err),
                       "cal_max_err_test": max(cal_test) if cal_test else float("nan"),

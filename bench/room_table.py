@@ -61,10 +61,15 @@ def tf(*args, log=None, threads=1) -> None:
         subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT, env=env)
 
 
+def dataset_sets(ds: str, a) -> list[str]:
+    """The dataset's run settings with the folders' locations filled in from ``a`` (--ffold, --letters, ...)."""
+    return [s.format(ffold=a.ffold, letters=a.letters, letters26=a.letters26, letters52=a.letters52)
+            for s in DATASETS[ds]]
+
+
 def one(ds: str, seed: int, a) -> dict:
     run = Path(a.runs) / f"{ds}-s{seed}"
-    sets = [s.format(ffold=a.ffold, letters=a.letters, letters26=a.letters26, letters52=a.letters52)
-            for s in DATASETS[ds]]
+    sets = dataset_sets(ds, a)
     sets += [f"data.seed={seed}", f"train.seed={seed}", f"generate.seed={seed}", "compare.headroom=true"]
     t0 = time.time()
     log = str(run) + ".log"
